@@ -1,9 +1,15 @@
 #!/usr/bin/env node
 // Runs every test file (test/**/*.test.ts) with Node's test runner through tsx.
+// Unless PARLEY_TEST_PG_URL is set (an admin URL of a PostgreSQL the tests may create
+// databases on), starts one embedded PostgreSQL for the whole run under .tmp/test-pg.
 // Usage: node scripts/run-tests.mjs [filter-substring ...]
 import { readdirSync, statSync } from 'node:fs';
-import { join } from 'node:path';
-import { spawnSync } from 'node:child_process';
+import { join, resolve } from 'node:path';
+import { spawn } from 'node:child_process';
+import { createServer } from 'node:net';
+import { register } from 'tsx/esm/api';
+
+register();
 
 function walk(dir) {
   const out = [];
@@ -14,14 +20,34 @@ function walk(dir) {
   }
   return out;
 }
+
+function freePort() {
+  return new Promise((res, rej) => {
+    const s = createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => res(port));
+    });
+    s.on('error', rej);
+  });
+}
+
 const filters = process.argv.slice(2);
 const files = walk('test').filter((f) => filters.length === 0 || filters.some((x) => f.includes(x))).sort();
 if (files.length === 0) {
   console.error('no test files matched');
   process.exit(1);
 }
-const res = spawnSync(process.execPath, ['--import', 'tsx', '--test', '--test-concurrency=1', ...files], {
-  stdio: 'inherit',
-  env: { ...process.env, PARLEY_LOG_LEVEL: process.env.PARLEY_LOG_LEVEL ?? 'silent' },
-});
-process.exit(res.status ?? 1);
+
+let embedded = null;
+const env = { ...process.env, PARLEY_LOG_LEVEL: process.env.PARLEY_LOG_LEVEL ?? 'silent' };
+if (!env.PARLEY_TEST_PG_URL) {
+  const { startEmbeddedPostgres } = await import('../src/store/embedded.ts');
+  embedded = await startEmbeddedPostgres(resolve('.tmp/test-pg'), await freePort());
+  env.PARLEY_TEST_PG_URL = embedded.adminUrl;
+}
+
+const child = spawn(process.execPath, ['--import', 'tsx', '--test', '--test-concurrency=1', ...files], { stdio: 'inherit', env });
+const code = await new Promise((res) => child.on('exit', (c, sig) => res(c ?? (sig ? 1 : 0))));
+if (embedded) await embedded.stop();
+process.exit(code);

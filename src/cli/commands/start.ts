@@ -1,0 +1,40 @@
+import type { Command } from 'commander';
+import { ROLES, type Role, startPlatform } from '../../app.ts';
+import { createLogger } from '../../platform/logger.ts';
+import { cliConfig, withDeps } from '../context.ts';
+
+/** `parley start [--roles web,worker,smtp]` and `parley migrate`. */
+export function registerStart(program: Command): void {
+  program
+    .command('start')
+    .description('start the platform (all roles by default) on DATABASE_URL or the embedded PostgreSQL')
+    .option('--roles <roles>', `comma-separated roles: ${ROLES.join(',')}`, ROLES.join(','))
+    .action(async (opts: { roles: string }, cmd: Command) => {
+      const roles = opts.roles.split(',').map((r) => r.trim()).filter(Boolean);
+      const bad = roles.filter((r) => !(ROLES as readonly string[]).includes(r));
+      if (bad.length) throw new Error(`unknown role(s) ${bad.join(', ')}; roles are ${ROLES.join(', ')}`);
+      const config = cliConfig(cmd);
+      const log = createLogger('parley', config.logLevel);
+      const platform = await startPlatform(config, roles as Role[], { log });
+      log.info({ roles, domains: config.domains, http: platform.httpPort, smtp: platform.smtpPort }, 'parley started');
+      let stopping = false;
+      const stop = async (signal: string) => {
+        if (stopping) return;
+        stopping = true;
+        log.info({ signal }, 'stopping');
+        await platform.stop();
+        process.exit(0);
+      };
+      process.on('SIGINT', () => void stop('SIGINT'));
+      process.on('SIGTERM', () => void stop('SIGTERM'));
+    });
+
+  program
+    .command('migrate')
+    .description('apply database migrations and exit')
+    .action(async (_opts, cmd: Command) => {
+      await withDeps(cmd, async () => {
+        console.log('database is up to date');
+      });
+    });
+}

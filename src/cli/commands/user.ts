@@ -1,0 +1,4 @@
+import type { Command } from 'commander';
+
+/** `parley user add|list` (to be completed). */
+export function registerUser(_program: Command): void {}

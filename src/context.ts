@@ -1,0 +1,28 @@
+import type { Config } from './platform/config.ts';
+import type { Logger } from './platform/logger.ts';
+import type { Clock } from './platform/clock.ts';
+import type { BlobStore } from './platform/blobs.ts';
+import type { Db } from './store/db.ts';
+import { domainOf } from './mail/address.ts';
+
+/**
+ * The dependencies every command receives (ARCHITECTURE.md: "commands get their
+ * dependencies passed in"), so a command runs in a test against a real database without HTTP.
+ */
+export interface Deps {
+  db: Db;
+  config: Config;
+  log: Logger;
+  clock: Clock;
+  blobs: BlobStore;
+}
+
+/** Is `address` served by this platform (its domain is one of PARLEY_DOMAINS)? */
+export function isLocalAddress(deps: Pick<Deps, 'config'>, address: string): boolean {
+  return deps.config.domains.includes(domainOf(address));
+}
+
+/** The platform's primary domain: leader name of the conversations it creates, Message-ID domain. */
+export function primaryDomain(deps: Pick<Deps, 'config'>): string {
+  return deps.config.domains[0];
+}

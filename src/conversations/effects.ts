@@ -1,0 +1,86 @@
+import { sql } from 'kysely';
+import type { Action } from '../core/actions.ts';
+import { flagsAfterAction, type UserFlags } from '../core/folders.ts';
+import type { ConversationState } from '../core/reducer.ts';
+import type { Deps } from '../context.ts';
+import type { Tx } from '../store/db.ts';
+import { appendEvents, type NewEvent } from '../streams/store.ts';
+import { enqueueEmails } from '../mail/outbound/enqueue.ts';
+
+interface LocalParticipant extends UserFlags {
+  address: string;
+  user_id: number;
+  added_id: number;
+  removed_id: number | null;
+}
+
+/**
+ * Who of the local participants may see action `a`: a participant sees the actions from
+ * the one that added them up to the one that removed them (PRODUCT.md §1: removed
+ * participants keep read access up to the removal and get nothing after). A draft is
+ * seen by its creator alone.
+ */
+export function seesAction(p: { address: string; added_id: number; removed_id: number | null }, a: Action, published: boolean, creator: string): boolean {
+  if (!published && a.act !== 'conv:publish') return p.address === creator;
+  return a.id >= p.added_id && (p.removed_id === null || a.id <= p.removed_id);
+}
+
+/**
+ * The consequences of newly appended actions, in the same transaction (ARCHITECTURE.md,
+ * "Writes", step 2): local participants' flags, their stream events (and so the websocket
+ * frames after commit), and the outbound emails for email participants.
+ * @param wasPublished whether the conversation was published before these actions
+ */
+export async function recordEffects(
+  tx: Tx,
+  deps: Deps,
+  convId: number,
+  s: ConversationState,
+  actions: Action[],
+  wasPublished: boolean,
+): Promise<void> {
+  const h = s.header!;
+  const locals = (await tx
+    .selectFrom('participants')
+    .select(['address', 'user_id', 'added_id', 'removed_id', 'inbox', 'deleted', 'spam', 'seen', 'muted'])
+    .where('conv_id', '=', convId)
+    .where('user_id', 'is not', null)
+    .execute()) as LocalParticipant[];
+
+  const events: NewEvent[] = [];
+  const changed = new Map<number, LocalParticipant>();
+  let published = wasPublished;
+  for (const a of actions) {
+    if (a.act === 'conv:publish') published = true;
+    for (const p of locals) {
+      if (!seesAction(p, a, published, h.creator)) continue;
+      events.push({ userId: p.user_id, convId, kind: 'action', actionId: a.id });
+      const next = flagsAfterAction(p, a, p.address, published);
+      if (next !== p) Object.assign(p, next);
+      changed.set(p.user_id, p);
+    }
+  }
+  if (changed.size > 0) {
+    const rows = [...changed.values()];
+    await sql`
+      update participants p set inbox = v.inbox, seen = v.seen, last_event_ts = ${h.last_ts}
+        from (select * from unnest(${rows.map((r) => r.address)}::text[], ${rows.map((r) => r.inbox)}::bool[], ${rows.map((r) => r.seen)}::bool[])
+              as t(address, inbox, seen)) v
+       where p.conv_id = ${convId} and p.address = v.address`.execute(tx);
+  }
+  const removedLocals = actions
+    .filter((a) => a.act === 'participant:remove' && locals.some((p) => p.address === a.participant))
+    .map((a) => a.participant!);
+  if (removedLocals.length > 0) {
+    // What a removed participant's list shows from now on: the conversation as at the removal.
+    const snapshot = JSON.stringify({ subject: h.subject, last_ts: h.last_ts, message_count: h.message_count });
+    await tx
+      .updateTable('participants')
+      .set({ snapshot })
+      .where('conv_id', '=', convId)
+      .where('address', 'in', removedLocals)
+      .execute();
+  }
+  await appendEvents(tx, events);
+  await enqueueEmails(tx, deps, convId, s, actions, wasPublished);
+}

