@@ -63,6 +63,7 @@ export interface ConversationsTable {
   last_ts: Timestamp | null;
   message_count: number;
   search_header: unknown;
+  org_id: ColumnType<number | null, number | null | undefined, number | null>;
 }
 
 export interface ActionsTable {
@@ -201,6 +202,108 @@ export interface DeliveriesTable {
   locked_until: Timestamp | null;
   created_at: GeneratedTimestamp;
   updated_at: GeneratedTimestamp;
+  org_id: ColumnType<number | null, number | null | undefined, number | null>;
+  outbound_message_id: ColumnType<number | null, number | null | undefined, number | null>;
+  contact_id: ColumnType<number | null, number | null | undefined, number | null>;
+  blast_id: ColumnType<number | null, number | null | undefined, number | null>;
+  chain: ColumnType<string[] | null, string[] | null | undefined, string[] | null>;
+  chain_index: Generated<number>;
+  destinations: ColumnType<Record<string, string> | null, string | null | undefined, string | null>;
+  fallback_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+  sent_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+  delivered_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+  read_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+  replied_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+}
+
+export interface OrganisationsTable {
+  id: Generated<number>;
+  slug: string;
+  name: string;
+  user_id: number;
+  default_chain: ColumnType<string[], string[] | undefined, string[]>;
+  fallback: ColumnType<{ not_delivered_s?: number; not_read_s?: number }, string | undefined, string>;
+  plugin_config: ColumnType<Record<string, Record<string, unknown>>, string | undefined, string>;
+  quota_per_day: Generated<number>;
+  rate_per_minute: Generated<number>;
+  created_at: GeneratedTimestamp;
+}
+
+export interface OrganisationMembersTable {
+  org_id: number;
+  user_id: number;
+  role: 'owner' | 'admin' | 'member';
+}
+
+export interface ApiTokensTable {
+  id: string;
+  org_id: number;
+  name: Generated<string>;
+  token_hash: string;
+  scopes: string[];
+  created_by: number | null;
+  created_at: GeneratedTimestamp;
+  last_used_at: Timestamp | null;
+  revoked_at: Timestamp | null;
+}
+
+export interface ContactsTable {
+  id: Generated<number>;
+  org_id: number;
+  name: Generated<string>;
+  email: string | null;
+  phone: string | null;
+  preferred_chain: string[] | null;
+  fields: ColumnType<Record<string, string>, string | undefined, string>;
+  conv_id: number | null;
+  created_at: GeneratedTimestamp;
+}
+
+export interface ContactGroupsTable {
+  id: Generated<number>;
+  org_id: number;
+  name: string;
+}
+
+export interface ContactGroupMembersTable {
+  group_id: number;
+  contact_id: number;
+}
+
+export interface BlastsTable {
+  id: Generated<number>;
+  org_id: number;
+  group_id: number | null;
+  subject: Generated<string>;
+  template: string;
+  chain: string[] | null;
+  total: Generated<number>;
+  created_by: Generated<string>;
+  created_at: GeneratedTimestamp;
+}
+
+export interface OutboundMessagesTable {
+  id: Generated<number>;
+  org_id: number;
+  contact_id: number;
+  blast_id: number | null;
+  conv_id: number | null;
+  action_id: number | null;
+  subject: Generated<string>;
+  body: string;
+  chain: string[];
+  client_key: string | null;
+  created_at: GeneratedTimestamp;
+}
+
+export interface DeliveryEventsTable {
+  id: Generated<number>;
+  delivery_id: number;
+  at: GeneratedTimestamp;
+  plugin: string;
+  kind: 'delivered' | 'read' | 'replied' | 'failed';
+  provider_ref: string | null;
+  detail: Json | null;
 }
 
 export interface DeliveryAttemptsTable {
@@ -232,4 +335,13 @@ export interface Database {
   inbound_emails: InboundEmailsTable;
   deliveries: DeliveriesTable;
   delivery_attempts: DeliveryAttemptsTable;
+  organisations: OrganisationsTable;
+  organisation_members: OrganisationMembersTable;
+  api_tokens: ApiTokensTable;
+  contacts: ContactsTable;
+  contact_groups: ContactGroupsTable;
+  contact_group_members: ContactGroupMembersTable;
+  blasts: BlastsTable;
+  outbound_messages: OutboundMessagesTable;
+  delivery_events: DeliveryEventsTable;
 }
