@@ -1,6 +1,150 @@
+/**
+ * The inbound SMTP server of the `smtp` role (issue 2 §6 "Inbound"; RFC 5321), built on
+ * the smtp-server package.
+ *
+ * - Listens on `config.smtpHost:config.smtpPort` (port 0 picks a free port; the bound one
+ *   is returned).
+ * - RCPT TO: accepted only for existing local users and `reply+<key>@` addresses of
+ *   existing conversations (src/mail/inbound/recipients.ts); refused with 550 5.1.1
+ *   (unknown user or conversation), 550 5.7.1 (another domain: no open relay) or
+ *   553 5.1.3 (invalid address). At most {@link MAX_RECIPIENTS} recipients per message.
+ * - Size: the SIZE extension (RFC 1870) advertises `config.maxMessageBytes`; a larger
+ *   declared SIZE is refused at MAIL FROM, a larger message after DATA, both with 552.
+ * - DATA: answered 250 only after `ingestEmail` committed the message (raw bytes first);
+ *   a message that cannot be used (e.g. no sender at all) is kept raw and refused with
+ *   554 5.6.0 and the reason; an internal error (database down…) answers 451 4.3.0 so the
+ *   sending MTA retries; nothing ever throws out of a handler.
+ * - AUTH and STARTTLS are disabled for now: this server only receives mail for its own
+ *   domains (MX role) and never relays, so it needs no authentication; TLS needs a
+ *   certificate setting that does not exist yet (a later issue adds both). Reverse DNS of
+ *   clients is not looked up (a machine without DNS must not make mail slow).
+ * - At most {@link MAX_CLIENTS} connections at once (more get 421); idle connections time
+ *   out after {@link SOCKET_TIMEOUT_MS}.
+ * - Every refusal is logged (warn) with the client, the command and the reason.
+ */
+import type { AddressInfo } from 'node:net';
+import { SMTPServer, type SMTPServerDataStream, type SMTPServerSession } from 'smtp-server';
 import type { Deps } from '../../context.ts';
+import { ingestEmail } from './ingest-email.ts';
+import { checkRecipient } from './recipients.ts';
 
-/** The inbound SMTP server (to be completed). */
+/** Most simultaneous SMTP connections. */
+export const MAX_CLIENTS = 100;
+/** Most recipients of one message (RFC 5321 §4.5.3.1.8 asks for at least 100). */
+export const MAX_RECIPIENTS = 100;
+/** An idle connection is closed after this long, in ms. */
+export const SOCKET_TIMEOUT_MS = 60_000;
+/** How long `stop()` lets open connections finish before closing them, in ms. */
+const CLOSE_TIMEOUT_MS = 5_000;
+/** Longest reason put in an SMTP reply line (RFC 5321 §4.5.3.1.5 allows 512 octets per line). */
+const MAX_REASON = 400;
+
+/** An error smtp-server turns into a reply: `<responseCode> <message>`. */
+function smtpError(responseCode: number, message: string): Error & { responseCode: number } {
+  return Object.assign(new Error(message.replace(/[\r\n]+/g, ' ').slice(0, MAX_REASON)), { responseCode });
+}
+
+/**
+ * Starts the inbound SMTP server.
+ * @returns the bound port and `stop()`, which stops accepting, lets open connections
+ *   finish for a few seconds, and waits for messages being ingested
+ * @throws Error when the port cannot be bound
+ */
 export async function startSmtpServer(deps: Deps): Promise<{ port: number; stop(): Promise<void> }> {
-  return { port: deps.config.smtpPort, stop: async () => {} };
+  const { config, log } = deps;
+  const inFlight = new Set<Promise<unknown>>();
+  const client = (s: SMTPServerSession) => ({ ip: s.remoteAddress, helo: s.hostNameAppearsAs || undefined, session: s.id });
+
+  const server = new SMTPServer({
+    name: config.domains[0],
+    banner: 'Parley ESMTP',
+    size: config.maxMessageBytes,
+    disabledCommands: ['AUTH', 'STARTTLS'],
+    authOptional: true,
+    hideENHANCEDSTATUSCODES: true,
+    disableReverseLookup: true,
+    maxClients: MAX_CLIENTS,
+    maxRecipients: MAX_RECIPIENTS,
+    socketTimeout: SOCKET_TIMEOUT_MS,
+    closeTimeout: CLOSE_TIMEOUT_MS,
+    logger: false,
+
+    onRcptTo(address, session, callback) {
+      checkRecipient(deps, deps.db.kysely, address.address).then(
+        (r) => {
+          if (r.kind !== 'refused') return callback();
+          log.warn({ smtp: client(session), rcpt: address.address, code: r.code, reason: r.reason }, 'smtp: recipient refused');
+          callback(smtpError(r.code, `${r.enhanced} <${r.address}>: ${r.reason}`));
+        },
+        (e) => {
+          log.error({ err: e, smtp: client(session), rcpt: address.address }, 'smtp: recipient check failed');
+          callback(smtpError(451, '4.3.0 Temporary local problem checking the recipient; try again later'));
+        },
+      );
+    },
+
+    onData(stream: SMTPServerDataStream, session, callback) {
+      const chunks: Buffer[] = [];
+      let bytes = 0;
+      stream.on('data', (chunk: Buffer) => {
+        bytes += chunk.length;
+        if (bytes <= config.maxMessageBytes) chunks.push(chunk);
+      });
+      stream.on('error', (e) => log.warn({ err: e, smtp: client(session) }, 'smtp: data stream error'));
+      stream.on('end', () => {
+        const rcptTo = session.envelope.rcptTo.map((r) => r.address);
+        const mailFrom = session.envelope.mailFrom ? session.envelope.mailFrom.address : '';
+        if (stream.sizeExceeded || bytes > config.maxMessageBytes) {
+          const reason = `5.3.4 Message too big: ${bytes} bytes, the limit is ${config.maxMessageBytes} bytes`;
+          log.warn({ smtp: client(session), mailFrom, rcptTo, bytes, reason }, 'smtp: message refused');
+          return callback(smtpError(552, reason));
+        }
+        const raw = Buffer.concat(chunks, bytes);
+        const job = ingestEmail(deps, raw, { mailFrom, rcptTo, remoteIp: session.remoteAddress ?? '', helo: session.hostNameAppearsAs || '' })
+          .then((r) => {
+            if (r.status === 'failed') {
+              const code = r.permanent ? 554 : 451;
+              const reason = `${r.permanent ? '5.6.0' : '4.3.0'} ${r.permanent ? 'Message refused' : 'Temporary local problem'}: ${r.reason} (kept as inbound message ${r.inboundId})`;
+              log.warn({ smtp: client(session), mailFrom, rcptTo, inbound: r.inboundId, code, reason: r.reason }, 'smtp: message refused');
+              return callback(smtpError(code, reason));
+            }
+            log.info(
+              { smtp: client(session), mailFrom, rcptTo, inbound: r.inboundId, status: r.status, created: r.created, threaded: r.threaded },
+              'smtp: message accepted',
+            );
+            callback(null, `2.0.0 OK ${r.status === 'duplicate' ? 'already delivered' : 'stored'} as inbound message ${r.inboundId}`);
+          })
+          .catch((e) => {
+            log.error({ err: e, smtp: client(session), mailFrom, rcptTo }, 'smtp: message could not be stored');
+            callback(smtpError(451, '4.3.0 Temporary local problem storing the message; try again later'));
+          })
+          .finally(() => inFlight.delete(job));
+        inFlight.add(job);
+      });
+    },
+  });
+
+  // Socket and protocol errors of one client must never take the process down.
+  server.on('error', (e) => log.warn({ err: e }, 'smtp: connection error'));
+
+  await new Promise<void>((resolve, reject) => {
+    const onError = (e: Error) => reject(e);
+    server.server.once('error', onError);
+    server.listen(config.smtpPort, config.smtpHost, () => {
+      server.server.off('error', onError);
+      resolve();
+    });
+  });
+  const port = (server.server.address() as AddressInfo).port;
+  log.info({ host: config.smtpHost, port }, 'smtp role listening');
+
+  let stopping: Promise<void> | null = null;
+  return {
+    port,
+    stop: () =>
+      (stopping ??= (async () => {
+        await new Promise<void>((resolve) => server.close(() => resolve()));
+        await Promise.allSettled([...inFlight]);
+      })()),
+  };
 }

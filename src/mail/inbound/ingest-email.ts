@@ -1,0 +1,566 @@
+/**
+ * `ingestEmail` — the command that turns one received email into conversation actions
+ * (issue 2 §6 "Inbound"; used by the SMTP server and by `parley import`, one code path).
+ *
+ * Steps:
+ * 1. **Keep the raw message first.** Its bytes go to the blob store (fsynced) and an
+ *    `inbound_emails` row (status `received`) is committed before anything else, so the
+ *    SMTP server may answer 250 knowing nothing can be lost; a message that cannot be
+ *    parsed or threaded is kept there with status `failed` and the reason.
+ * 2. **Parse** with `parseEmail` (tolerant; only an empty message fails).
+ * 3. **Authenticate** SPF/DKIM/DMARC with `authenticateEmail` (SMTP only; the resolver of
+ *    src/mail/dns.ts, `offlineResolver` when `config.dnsOffline`). Results other than
+ *    pass/none become warnings on the message (`source.warnings`) next to the parser's.
+ *    Imported mail is not authenticated: it was received long ago, DNS answers of today
+ *    say nothing about it.
+ * 4. **Thread or create**, in ONE transaction with the `email_messages` rows and the
+ *    `inbound_emails` status update (see {@link ingestEmail} for the rules).
+ */
+import { sql } from 'kysely';
+import type { ActionInput, ActionSource, FileRef } from '../../core/actions.ts';
+import { LIMITS } from '../../core/actions.ts';
+import { type Deps, isLocalAddress } from '../../context.ts';
+import { appendActions } from '../../conversations/append.ts';
+import { insertNewConversation } from '../../conversations/commands/create-conversation.ts';
+import { type ConversationRow, lockConversation } from '../../conversations/store.ts';
+import type { Clock } from '../../platform/clock.ts';
+import { AppError } from '../../platform/errors.ts';
+import type { Tx } from '../../store/db.ts';
+import { isUniqueViolation } from '../../store/db.ts';
+import { authenticateEmail, type EmailAuthentication } from '../authenticate.ts';
+import { createResolver, type MailResolver, offlineResolver } from '../dns.ts';
+import { type ParsedEmail, parseEmail } from '../parse.ts';
+import { replyKeyOf } from './recipients.ts';
+
+/** The SMTP envelope of a message (RFC 5321 §3.3): reverse-path, forward-paths, client. */
+export interface Envelope {
+  /** MAIL FROM address without angle brackets; '' for the null reverse-path (bounces) or an import. */
+  mailFrom: string;
+  /** RCPT TO addresses: local users and `reply+<key>@` addresses (the SMTP server checked them). */
+  rcptTo: string[];
+  /** Client IP address; '' for an import. */
+  remoteIp: string;
+  /** EHLO/HELO name; '' for an import. */
+  helo: string;
+}
+
+/** How a message reaches {@link ingestEmail}. */
+export interface IngestOptions {
+  /**
+   * `smtp` (default): authenticated with SPF/DKIM/DMARC, actions stamped with the time of
+   * receipt. `import`: not authenticated, actions stamped with the message's Date (never in
+   * the future; receipt time when it has none), and no outbound email at all (an archive is
+   * history: nobody is mailed because of it).
+   */
+  mode?: 'smtp' | 'import';
+  /** DNS resolver for authentication; default: `offlineResolver` when config.dnsOffline, else a shared `createResolver`. */
+  resolver?: MailResolver;
+}
+
+/** What {@link ingestEmail} did with a message. */
+export interface IngestResult {
+  /** Id of the `inbound_emails` row holding the raw message. */
+  inboundId: number;
+  /**
+   * `ingested`: added to at least one conversation; `duplicate`: every recipient already had
+   * it (same Message-ID — or, without one, the same bytes — already recorded), nothing added;
+   * `failed`: kept raw only, see `reason`.
+   */
+  status: 'ingested' | 'duplicate' | 'failed';
+  /** Keys of the conversations the message started. */
+  created: string[];
+  /** Keys of existing conversations the message was added to. */
+  threaded: string[];
+  /** Why it failed (or why it is a duplicate), a sentence for logs and SMTP replies. */
+  reason?: string;
+  /**
+   * For `failed`: true when the message itself is the problem (retrying cannot help: SMTP
+   * answers 5xx), false for an internal error (SMTP answers 451, the sender retries).
+   */
+  permanent?: boolean;
+}
+
+/** Most attempts of the ingest transaction (conversation key collisions, deadlocks, serialization failures). */
+const MAX_ATTEMPTS = 8;
+/** Longest attachment file name kept, in characters (the core limit). */
+const MAX_FILE_NAME = 255;
+
+let sharedResolver: MailResolver | null = null;
+function resolverFor(deps: Deps): MailResolver {
+  if (deps.config.dnsOffline) return offlineResolver;
+  sharedResolver ??= createResolver({ timeoutMs: deps.config.dnsTimeoutMs });
+  return sharedResolver;
+}
+
+/** A failure caused by the message (permanent), as opposed to an internal error. */
+class Unprocessable extends Error {}
+
+/**
+ * Ingests one received email (see the module comment for the steps).
+ *
+ * Threading and creation rules (documented in docs/email-bridge.md):
+ * - The **local recipients** are the envelope recipients that are local users; a
+ *   `reply+<key>@` recipient names its conversation directly.
+ * - **Duplicate**: a local recipient is done when the Message-ID is already recorded in
+ *   `email_messages` (received or sent) for a conversation they actively take part in; a
+ *   reply address when it is recorded for its conversation. Without a Message-ID, when an
+ *   earlier ingested message with the same raw SHA-256 had them as a recipient. When every
+ *   recipient is done the status is `duplicate` and nothing is added (importing twice adds
+ *   nothing; a retried SMTP delivery adds nothing).
+ * - **Thread**: for each other local recipient, the conversation they actively take part
+ *   in that recorded one of the In-Reply-To ids (first) or References ids (latest first);
+ *   a reply address's conversation. A local recipient who takes part in a reply address's
+ *   conversation is covered by it.
+ * - In each such conversation the sender (From, else Sender, else MAIL FROM) adds a
+ *   `message:add`. A sender who is not a participant yet is first added (`participant:add`,
+ *   perms `write`) by — the rule — the first local recipient of that conversation who is an
+ *   active participant with write permission, else its creator if active with write
+ *   permission, else its earliest-added such participant.
+ * - **Create**: the local recipients left (no thread; a Bcc'd local user who is not a
+ *   participant of the replied conversation ends here too, so Bcc never discloses history)
+ *   get one new published conversation: creator the sender, participants the To and Cc
+ *   addresses (local ones only when they are existing users not already covered above;
+ *   reply addresses never) plus those recipients, subject, the message.
+ * - The message body is the new text (`parseEmail().newText`); the quoted history is kept
+ *   in `source.quoted`; attachments and inline parts become blobs and `files`.
+ * - The Message-ID is recorded (`email_messages`, direction `in`, with the action id) for
+ *   every conversation touched.
+ * - Outbound email caused by ingesting: none for the new conversation (its recipients have
+ *   the email) nor for adding the sender; a threaded message is emailed to the email
+ *   participants not among its To/Cc; an import emails nobody.
+ *
+ * @param raw the message as received (RFC 5322 bytes)
+ * @returns what happened; a `failed` result keeps the raw message
+ * @throws Error only when the raw message could not be stored (nothing was acknowledged:
+ *   SMTP answers 451)
+ */
+export async function ingestEmail(deps: Deps, raw: Buffer, envelope: Envelope, opts: IngestOptions = {}): Promise<IngestResult> {
+  const mode = opts.mode ?? 'smtp';
+  const { inboundId, sha256 } = await storeRaw(deps, raw, envelope);
+  const fail = async (reason: string, permanent: boolean): Promise<IngestResult> => {
+    await deps.db.kysely
+      .updateTable('inbound_emails')
+      .set({ status: 'failed', error: reason.slice(0, 2000) })
+      .where('id', '=', inboundId)
+      .execute()
+      .catch((e) => deps.log.error({ err: e, inboundId }, 'could not mark inbound email as failed'));
+    return { inboundId, status: 'failed', created: [], threaded: [], reason, permanent };
+  };
+
+  let parsed: ParsedEmail;
+  try {
+    parsed = await parseEmail(raw);
+  } catch (e) {
+    return fail(`the message could not be parsed: ${(e as Error).message}`, true);
+  }
+  let auth: EmailAuthentication | null = null;
+  if (mode === 'smtp') {
+    auth = await authenticateEmail(
+      raw,
+      { ip: envelope.remoteIp, helo: envelope.helo, mailFrom: envelope.mailFrom, mta: deps.config.domains[0] },
+      opts.resolver ?? resolverFor(deps),
+    );
+  }
+
+  try {
+    const files = await storeAttachments(deps, parsed);
+    const message = buildMessage(parsed, auth, files.warnings);
+    const clock = mode === 'import' ? messageClock(deps.clock, parsed.date) : deps.clock;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const attemptDeps: Deps = { ...deps, clock: attempt === 1 ? clock : offsetClock(clock, attempt) };
+        return await deps.db.kysely.transaction().execute((tx) =>
+          applyEmail(tx, attemptDeps, { inboundId, sha256, envelope, parsed, message, files: files.refs, auth, quiet: mode === 'import' }),
+        );
+      } catch (e) {
+        if (attempt < MAX_ATTEMPTS && isRetryable(e)) continue;
+        throw e;
+      }
+    }
+  } catch (e) {
+    if (e instanceof Unprocessable) return fail(e.message, true);
+    if (e instanceof AppError && e.status < 500) return fail(`${e.message} (${e.code})`, true);
+    if (isDataError(e)) return fail(`the message's content could not be stored: ${(e as Error).message}`, true);
+    deps.log.error({ err: e, inboundId }, 'inbound email ingest failed');
+    return fail(`internal error: ${(e as Error).message}`, false);
+  }
+}
+
+/** Stores the raw bytes (blob + blobs row) and commits the `received` row, in one statement. */
+async function storeRaw(deps: Deps, raw: Buffer, envelope: Envelope): Promise<{ inboundId: number; sha256: string }> {
+  const { sha256, size } = await deps.blobs.put(raw);
+  const r = await sql<{ id: number }>`
+    with b as (insert into blobs (sha256, size, content_type) values (${sha256}, ${size}, 'message/rfc822') on conflict do nothing)
+    insert into inbound_emails (raw_sha256, mail_from, rcpt_to, remote_ip, helo, status)
+    values (${sha256}, ${envelope.mailFrom}, ${envelope.rcptTo}::text[], ${envelope.remoteIp}, ${envelope.helo}, 'received')
+    returning id`.execute(deps.db.kysely);
+  return { inboundId: r.rows[0].id, sha256 };
+}
+
+/** Attachments and inline parts written to the blob store (rows are inserted in the transaction). */
+async function storeAttachments(deps: Deps, parsed: ParsedEmail): Promise<{ refs: FileRef[]; warnings: string[] }> {
+  const warnings: string[] = [];
+  let parts = parsed.attachments;
+  if (parts.length > LIMITS.filesPerMessage) {
+    warnings.push(`The message has ${parts.length} attachments; only the first ${LIMITS.filesPerMessage} are kept (the raw message has them all)`);
+    parts = parts.slice(0, LIMITS.filesPerMessage);
+  }
+  const refs: FileRef[] = [];
+  for (const p of parts) {
+    const { sha256, size } = await deps.blobs.put(p.content);
+    refs.push({
+      sha256,
+      name: shortName(storableText(p.filename)),
+      content_type: storableText(p.contentType.slice(0, 255)),
+      size,
+      ...(p.contentId ? { content_id: storableText(p.contentId.slice(0, 998)) } : {}),
+      ...(p.inline ? { inline: true } : {}),
+    });
+  }
+  return { refs, warnings };
+}
+
+/** A file name of at most 255 characters, keeping its extension. */
+function shortName(name: string): string {
+  if (name.length <= MAX_FILE_NAME) return name;
+  const dot = name.lastIndexOf('.');
+  const ext = dot > 0 && name.length - dot <= 16 ? name.slice(dot) : '';
+  return name.slice(0, MAX_FILE_NAME - ext.length) + ext;
+}
+
+/** The message:add body and its source. */
+interface MessageParts {
+  body: string;
+  source: ActionSource;
+}
+
+function buildMessage(parsed: ParsedEmail, auth: EmailAuthentication | null, extraWarnings: string[]): MessageParts {
+  const warnings = [...parsed.warnings, ...(auth?.warnings ?? []), ...extraWarnings].map(storableText);
+  let body = storableText(parsed.newText).trimEnd();
+  if (body.length > LIMITS.bodyChars) {
+    warnings.push(`The text is longer than ${LIMITS.bodyChars} characters and was cut; the raw message is kept whole`);
+    body = body.slice(0, LIMITS.bodyChars);
+  }
+  let quoted = parsed.quoted === null ? null : storableText(parsed.quoted);
+  if (quoted !== null && quoted.length > LIMITS.bodyChars) quoted = quoted.slice(0, LIMITS.bodyChars);
+  const recipients = [...new Set([...parsed.to, ...parsed.cc].map((m) => m.address))];
+  return {
+    body,
+    source: { kind: 'email', message_id: parsed.messageId === null ? null : storableText(parsed.messageId), warnings, quoted, recipients },
+  };
+}
+
+/** Time of an imported message's actions: its Date header (never later than now), else now. */
+function messageClock(clock: Clock, date: Date | null): Clock {
+  const at = date?.getTime();
+  return { now: () => (at !== undefined && Number.isFinite(at) ? Math.min(at, clock.now()) : clock.now()) };
+}
+
+/** A retry's clock: a conversation key includes the publish time, so a collision retries a few ms later. */
+function offsetClock(clock: Clock, attempt: number): Clock {
+  const offset = attempt + Math.floor(Math.random() * 1000);
+  return { now: () => clock.now() + offset };
+}
+
+/** A PostgreSQL error caused by the data itself (SQLSTATE class 22 data exception, 54 program limit exceeded). */
+function isDataError(e: unknown): boolean {
+  const code = (e as { code?: unknown })?.code;
+  return typeof code === 'string' && /^(22|54)[0-9A-Z]{3}$/.test(code);
+}
+
+/** Text PostgreSQL can store: no NUL characters, no unpaired UTF-16 surrogates (both become U+FFFD). */
+export function storableText(s: string): string {
+  return s.replace(/\u0000|[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/g, '\uFFFD');
+}
+
+/** Key collision (conversation key taken), deadlock, serialization failure, or a Message-ID raced in. */
+function isRetryable(e: unknown): boolean {
+  if (e instanceof AppError) return e.code === 'key_taken';
+  const code = (e as { code?: string })?.code;
+  return code === '40P01' || code === '40001' || isUniqueViolation(e);
+}
+
+interface IngestContext {
+  inboundId: number;
+  sha256: string;
+  envelope: Envelope;
+  parsed: ParsedEmail;
+  message: MessageParts;
+  files: FileRef[];
+  auth: EmailAuthentication | null;
+  /** No outbound email at all (import). */
+  quiet: boolean;
+}
+
+/** Sorts and dedupes addresses. */
+const uniq = (xs: string[]): string[] => [...new Set(xs)];
+
+/** The sender: From, else Sender, else the envelope MAIL FROM. */
+function senderOf(deps: Deps, parsed: ParsedEmail, envelope: Envelope): string {
+  const candidates = [parsed.from?.address, parsed.sender?.address, envelope.mailFrom.toLowerCase()].filter(
+    (a): a is string => !!a && replyKeyOf(deps, a) === null,
+  );
+  if (candidates.length === 0) throw new Unprocessable('the message has no sender: no From, no Sender and a null MAIL FROM');
+  return candidates[0];
+}
+
+/** The transaction of steps 4–5: threading or creating, email_messages, the inbound row. */
+async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestResult> {
+  const { parsed, envelope } = c;
+  const mid = parsed.messageId === null ? null : storableText(parsed.messageId);
+  // One ingest at a time per Message-ID (or per raw message without one): a message
+  // delivered twice at once is recorded once.
+  await sql`select pg_advisory_xact_lock(hashtextextended(${`parley:inbound:${mid ?? c.sha256}`}, 0))`.execute(tx);
+
+  const rcpts = uniq(envelope.rcptTo.map((a) => a.trim().toLowerCase()));
+  const replyKeys = uniq(rcpts.map((a) => replyKeyOf(deps, a)).filter((k): k is string => k !== null));
+  const userAddresses = rcpts.filter((a) => replyKeyOf(deps, a) === null && isLocalAddress(deps, a));
+  const users = userAddresses.length
+    ? await tx.selectFrom('users').select(['id', 'address']).where('address', 'in', userAddresses).execute()
+    : [];
+  const locals = users.map((u) => u.address);
+  const replyConvs = replyKeys.length
+    ? await tx.selectFrom('conversations').select(['id', 'key']).where('key', 'in', replyKeys).where('published', '=', true).execute()
+    : [];
+  if (locals.length === 0 && replyConvs.length === 0) throw new Unprocessable('none of the recipients is a user or conversation of this platform');
+
+  // Duplicates.
+  const done = new Set<string>();
+  const doneConvs = new Set<number>();
+  if (mid !== null) {
+    const seen = await tx
+      .selectFrom('email_messages as em')
+      .leftJoin('participants as p', (j) =>
+        j.onRef('p.conv_id', '=', 'em.conv_id').on('p.address', 'in', locals.length ? locals : ['']).on('p.removed_id', 'is', null),
+      )
+      .select(['em.conv_id', 'p.address'])
+      .where('em.message_id', '=', mid)
+      .execute();
+    for (const r of seen) {
+      doneConvs.add(r.conv_id);
+      if (r.address) done.add(r.address);
+    }
+  } else {
+    const same = await tx
+      .selectFrom('inbound_emails')
+      .select('rcpt_to')
+      .where('raw_sha256', '=', c.sha256)
+      .where('status', '=', 'ingested')
+      .where('id', '<>', c.inboundId)
+      .execute();
+    const had = new Set(same.flatMap((r) => r.rcpt_to.map((a) => a.toLowerCase())));
+    for (const a of locals) if (had.has(a)) done.add(a);
+    for (const rc of replyConvs) if (rcpts.some((a) => had.has(a) && replyKeyOf(deps, a) === rc.key)) doneConvs.add(rc.id);
+  }
+  let remaining = locals.filter((a) => !done.has(a));
+  const targets = new Map<number, { key: string; locals: string[] }>();
+  for (const rc of replyConvs) if (!doneConvs.has(rc.id)) targets.set(rc.id, { key: rc.key, locals: [] });
+
+  // Local recipients taking part in a replied-to conversation are covered by it.
+  if (targets.size > 0 && remaining.length > 0) {
+    const inReplied = await tx
+      .selectFrom('participants')
+      .select(['conv_id', 'address'])
+      .where('conv_id', 'in', [...targets.keys()])
+      .where('address', 'in', remaining)
+      .where('removed_id', 'is', null)
+      .orderBy('conv_id')
+      .execute();
+    for (const r of inReplied) {
+      if (!remaining.includes(r.address)) continue;
+      targets.get(r.conv_id)!.locals.push(r.address);
+      remaining = remaining.filter((a) => a !== r.address);
+    }
+  }
+
+  // Threading by In-Reply-To, then References (latest first).
+  const ids = uniq([...parsed.inReplyTo, ...[...parsed.references].reverse()].map(storableText)).filter((id) => id !== mid);
+  if (ids.length > 0 && remaining.length > 0) {
+    const rows = await tx
+      .selectFrom('email_messages as em')
+      .innerJoin('participants as p', 'p.conv_id', 'em.conv_id')
+      .innerJoin('conversations as cv', 'cv.id', 'em.conv_id')
+      .select(['em.conv_id', 'em.message_id', 'p.address', 'cv.key'])
+      .where('em.message_id', 'in', ids.slice(0, 200))
+      .where('p.address', 'in', remaining)
+      .where('p.removed_id', 'is', null)
+      .where('cv.published', '=', true)
+      .execute();
+    const rank = (m: string) => ids.indexOf(m);
+    for (const a of [...remaining]) {
+      const best = rows.filter((r) => r.address === a).sort((x, y) => rank(x.message_id) - rank(y.message_id) || y.conv_id - x.conv_id)[0];
+      if (!best) continue;
+      const t = targets.get(best.conv_id) ?? { key: best.key, locals: [] };
+      t.locals.push(a);
+      targets.set(best.conv_id, t);
+      remaining = remaining.filter((x) => x !== a);
+    }
+  }
+
+  if (targets.size === 0 && remaining.length === 0) {
+    await tx
+      .updateTable('inbound_emails')
+      .set({ status: 'duplicate', error: null, auth: authJson(c.auth) })
+      .where('id', '=', c.inboundId)
+      .execute();
+    return {
+      inboundId: c.inboundId,
+      status: 'duplicate',
+      created: [],
+      threaded: [],
+      reason: mid ? `Message-ID <${mid}> is already recorded for the recipients` : 'the same message was already ingested for the recipients',
+    };
+  }
+
+  const sender = senderOf(deps, parsed, envelope);
+  if (isLocalAddress(deps, sender)) {
+    const exists = await tx.selectFrom('users').select('id').where('address', '=', sender).executeTakeFirst();
+    if (!exists) throw new Unprocessable(`the sender ${sender} is an address of this platform, but no such user exists`);
+  }
+  if (c.files.length > 0) {
+    await tx
+      .insertInto('blobs')
+      .values(uniqBy(c.files, (f) => f.sha256).map((f) => ({ sha256: f.sha256, size: f.size, content_type: f.content_type, uploaded_by: null })))
+      .onConflict((oc) => oc.column('sha256').doNothing())
+      .execute();
+  }
+
+  const quietActions: { convId: number; actionIds: number[] }[] = [];
+  const recorded: { conv_id: number; message_id: string; direction: 'in'; action_id: number }[] = [];
+  const threaded: string[] = [];
+  const created: string[] = [];
+  const messageInput: ActionInput = {
+    act: 'message:add',
+    body: c.message.body,
+    ...(c.files.length ? { files: c.files } : {}),
+    source: c.message.source,
+  };
+
+  // Lock every target conversation first, in id order (no deadlock with other writers).
+  const targetIds = [...targets.keys()].sort((a, b) => a - b);
+  for (const convId of targetIds) {
+    const row = await lockConversation(tx, targets.get(convId)!.key);
+    if (!row) throw new Error(`conversation ${convId} vanished`);
+  }
+  for (const convId of targetIds) {
+    const t = targets.get(convId)!;
+    let row = (await lockConversation(tx, t.key))!;
+    const quiet: number[] = [];
+    const me = await tx
+      .selectFrom('participants')
+      .select(['removed_id'])
+      .where('conv_id', '=', convId)
+      .where('address', '=', sender)
+      .executeTakeFirst();
+    if (me && me.removed_id !== null) {
+      throw new Unprocessable(`the sender ${sender} was removed from conversation ${t.key} and cannot add to it`);
+    }
+    if (!me) {
+      const adder = await chooseAdder(tx, row, t.locals);
+      const { actions } = await appendActions(tx, deps, row, adder, [{ act: 'participant:add', participant: sender, perms: 'write' }]);
+      quiet.push(...actions.map((a) => a.id));
+      row = (await lockConversation(tx, t.key))!;
+    }
+    const { actions } = await appendActions(tx, deps, row, sender, [messageInput]);
+    const added = actions[0];
+    if (c.quiet) quiet.push(added.id);
+    if (mid !== null) recorded.push({ conv_id: convId, message_id: mid, direction: 'in', action_id: added.id });
+    quietActions.push({ convId, actionIds: quiet });
+    threaded.push(t.key);
+  }
+
+  if (remaining.length > 0) {
+    const covered = new Set([...done, ...[...targets.values()].flatMap((t) => t.locals)]);
+    const headerAddresses = uniq([...parsed.to, ...parsed.cc].map((m) => m.address)).filter((a) => replyKeyOf(deps, a) === null);
+    const headerLocals = headerAddresses.filter((a) => isLocalAddress(deps, a));
+    const existing = headerLocals.length
+      ? new Set((await tx.selectFrom('users').select('address').where('address', 'in', headerLocals).execute()).map((u) => u.address))
+      : new Set<string>();
+    const warnings: string[] = [];
+    let participants = uniq([
+      ...headerAddresses.filter((a) => !isLocalAddress(deps, a) || (existing.has(a) && !covered.has(a))),
+      ...remaining,
+    ]).filter((a) => a !== sender);
+    const max = LIMITS.participants - 1;
+    if (participants.length > max) {
+      // Keep the local recipients; drop header addresses beyond the limit.
+      const keep = new Set(remaining);
+      const others = participants.filter((a) => !keep.has(a)).slice(0, Math.max(0, max - keep.size));
+      warnings.push(`The message has ${participants.length + 1} addresses; only ${others.length + keep.size + 1} became participants`);
+      participants = [...others, ...remaining.filter((a) => a !== sender)];
+    }
+    let subject = storableText(parsed.subject);
+    if (subject.length > LIMITS.subjectChars) {
+      warnings.push(`The subject is longer than ${LIMITS.subjectChars} characters and was cut`);
+      subject = subject.slice(0, LIMITS.subjectChars);
+    }
+    const source: ActionSource = warnings.length ? { ...c.message.source, warnings: [...(c.message.source.warnings ?? []), ...warnings] } : c.message.source;
+    const r = await insertNewConversation(tx, deps, {
+      creator: sender,
+      subject,
+      participants: participants.map((address) => ({ address, perms: 'write' as const })),
+      messages: [{ body: c.message.body, ...(c.files.length ? { files: c.files } : {}), source }],
+      publish: true,
+    });
+    const added = r.actions.find((a) => a.act === 'message:add')!;
+    // Nobody is emailed for a conversation started by an email: its recipients have it.
+    quietActions.push({ convId: r.id, actionIds: r.actions.map((a) => a.id) });
+    if (mid !== null) recorded.push({ conv_id: r.id, message_id: mid, direction: 'in', action_id: added.id });
+    created.push(r.key);
+  }
+
+  for (const q of quietActions) {
+    if (q.actionIds.length === 0) continue;
+    await tx.deleteFrom('deliveries').where('conv_id', '=', q.convId).where('action_id', 'in', q.actionIds).execute();
+    await tx
+      .deleteFrom('email_messages')
+      .where('conv_id', '=', q.convId)
+      .where('direction', '=', 'out')
+      .where('action_id', 'in', q.actionIds)
+      .execute();
+  }
+  if (recorded.length > 0) {
+    await tx.insertInto('email_messages').values(recorded).onConflict((oc) => oc.columns(['conv_id', 'message_id']).doNothing()).execute();
+  }
+  const firstConv = await tx
+    .selectFrom('conversations')
+    .select('id')
+    .where('key', '=', created[0] ?? threaded[0])
+    .executeTakeFirstOrThrow();
+  await tx
+    .updateTable('inbound_emails')
+    .set({ status: 'ingested', conv_id: firstConv.id, error: null, auth: authJson(c.auth) })
+    .where('id', '=', c.inboundId)
+    .execute();
+  return { inboundId: c.inboundId, status: 'ingested', created, threaded };
+}
+
+function uniqBy<T>(xs: T[], key: (x: T) => string): T[] {
+  const seen = new Set<string>();
+  return xs.filter((x) => (seen.has(key(x)) ? false : (seen.add(key(x)), true)));
+}
+
+function authJson(auth: EmailAuthentication | null): string | null {
+  return auth ? JSON.stringify({ spf: auth.spf, dkim: auth.dkim, dmarc: auth.dmarc }) : null;
+}
+
+/**
+ * Who adds an email sender to a conversation (the rule of {@link ingestEmail}): the first
+ * of the message's local recipients in it who is active with write permission, else the
+ * creator if active with write permission, else the earliest-added such participant.
+ * @throws Unprocessable when nobody in the conversation may add participants
+ */
+async function chooseAdder(tx: Tx, row: ConversationRow, localRecipients: string[]): Promise<string> {
+  const able = await tx
+    .selectFrom('participants')
+    .select(['address', 'added_id'])
+    .where('conv_id', '=', row.id)
+    .where('removed_id', 'is', null)
+    .where('perms', 'in', ['write', 'full'])
+    .orderBy('added_id')
+    .execute();
+  const addresses = able.map((p) => p.address);
+  const pick = localRecipients.find((a) => addresses.includes(a)) ?? (addresses.includes(row.creator) ? row.creator : addresses[0]);
+  if (!pick) throw new Unprocessable(`nobody in conversation ${row.key} may add the sender as a participant`);
+  return pick;
+}
