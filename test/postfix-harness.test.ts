@@ -90,6 +90,17 @@ function headers(raw: Buffer): Map<string, string[]> {
   return out;
 }
 
+/** Polls `check` every 50 ms until it returns something truthy; fails after `timeoutMs`. */
+async function waitFor<T>(what: string, check: () => Promise<T | undefined | false>, timeoutMs = 15_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await check();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
 function masterPid(pf: PostfixInstance): number {
   return Number(readFileSync(join(pf.queueDir, 'pid', 'master.pid'), 'utf8').trim());
 }
@@ -198,14 +209,9 @@ describe('postfix harness', { skip, timeout: 120_000 }, () => {
     assert.equal(await pf.queueIsEmpty(), false);
 
     // The message sits in the deferred queue with the relay's reason.
-    const deadline = Date.now() + 10_000;
-    let entry;
-    for (;;) {
-      entry = (await pf.listQueue()).find((e) => e.queue_name === 'deferred');
-      if (entry || Date.now() > deadline) break;
-      await new Promise((r) => setTimeout(r, 50));
-    }
-    assert.ok(entry, 'message reached the deferred queue');
+    const entry = await waitFor('the message in the deferred queue', async () =>
+      (await pf.listQueue()).find((e) => e.queue_name === 'deferred'),
+    );
     assert.equal(entry.sender, 'corpus@origin.test');
     assert.equal(entry.recipients[0].address, 'alice@parley.test');
     assert.match(entry.recipients[0].delay_reason ?? '', /451/);
@@ -218,6 +224,31 @@ describe('postfix harness', { skip, timeout: 120_000 }, () => {
     assert.deepEqual(msg.rcptTo, ['alice@parley.test']);
     await pf.waitForQueueEmpty(10_000);
     assert.equal(sink.messages.length, 1, 'delivered exactly once');
+  });
+
+  harnessTest('relay mode retries by itself, within seconds, once a down relay comes back', async (_t, h) => {
+    const first = await h.sink();
+    const port = first.port;
+    await first.close(); // nothing listens on `port` now: connection refused
+    const pf = await h.postfix({ relayHost: { host: '127.0.0.1', port } });
+
+    await send(pf, {
+      from: 'corpus@origin.test',
+      to: 'alice@parley.test',
+      subject: 'relay down',
+      text: 'wait for me\n',
+      messageId: '<down-1@origin.test>',
+    });
+    await waitFor('the message deferred with connection refused', async () =>
+      (await pf.listQueue()).some((e) => /refused/i.test(e.recipients[0]?.delay_reason ?? '')),
+    );
+
+    const back = await h.sink({ port });
+    const started = Date.now();
+    const [msg] = await back.waitForMessages(1, 20_000); // no flushQueue(): the retry timer does it
+    assert.equal(msg.messageId, '<down-1@origin.test>');
+    assert.ok(Date.now() - started < 10_000, `retried after ${Date.now() - started} ms`);
+    await pf.waitForQueueEmpty(10_000);
   });
 
   harnessTest('two instances at once: a relay instance feeding a mailbox instance', async (_t, h) => {
