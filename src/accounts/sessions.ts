@@ -1,5 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto';
 import type { Deps } from '../context.ts';
+import type { Queryable } from '../store/db.ts';
 
 /** The authenticated caller of a request. */
 export interface AuthUser {
@@ -72,4 +73,60 @@ export async function revokeSession(deps: Deps, userId: number, sessionId: strin
     .where('revoked_at', 'is', null)
     .executeTakeFirst();
   return Number(r.numUpdatedRows) > 0;
+}
+
+/** A live session as listed to its owner (GET /api/sessions). Times are UTC ISO 8601. */
+export interface SessionInfo {
+  /** Public id (`ses_…`), used to revoke it. */
+  id: string;
+  /** 'cookie' for browser logins, 'bearer' for other API clients (see POST /api/login). */
+  kind: 'cookie' | 'bearer';
+  /** The `device` given at login, else the User-Agent (at most 200 characters). */
+  device: string;
+  /** Client IP at login. */
+  ip: string;
+  created_at: string;
+  /** Last use, refreshed at most once a minute. */
+  last_seen_at: string;
+  expires_at: string;
+  /** True for the session making the request. */
+  current: boolean;
+}
+
+/** The live (unrevoked, unexpired) sessions of `userId`, newest first. */
+export async function listSessions(deps: Deps, userId: number, currentSessionId: string | null): Promise<SessionInfo[]> {
+  const rows = await deps.db.kysely
+    .selectFrom('sessions')
+    .select(['id', 'kind', 'device', 'ip', 'created_at', 'last_seen_at', 'expires_at'])
+    .where('user_id', '=', userId)
+    .where('revoked_at', 'is', null)
+    .where('expires_at', '>', new Date(deps.clock.now()))
+    .orderBy('created_at', 'desc')
+    .orderBy('id')
+    .execute();
+  const iso = (d: Date | string) => new Date(d).toISOString();
+  return rows.map((r) => ({
+    id: r.id,
+    kind: r.kind,
+    device: r.device,
+    ip: r.ip,
+    created_at: iso(r.created_at),
+    last_seen_at: iso(r.last_seen_at),
+    expires_at: iso(r.expires_at),
+    current: r.id === currentSessionId,
+  }));
+}
+
+/**
+ * Revokes every live session of `userId` (suspension, password change); returns how many.
+ * @param q a transaction to join, else the pool
+ */
+export async function revokeAllSessions(deps: Deps, userId: number, q: Queryable = deps.db.kysely): Promise<number> {
+  const r = await q
+    .updateTable('sessions')
+    .set({ revoked_at: new Date(deps.clock.now()) })
+    .where('user_id', '=', userId)
+    .where('revoked_at', 'is', null)
+    .executeTakeFirst();
+  return Number(r.numUpdatedRows);
 }
