@@ -1,10 +1,12 @@
 #!/usr/bin/env node
 // Runs every test file (test/**/*.test.ts) with Node's test runner through tsx.
 // Unless PARLEY_TEST_PG_URL is set (an admin URL of a PostgreSQL the tests may create
-// databases on), starts one embedded PostgreSQL for the whole run under .tmp/test-pg.
+// databases on), starts one embedded PostgreSQL for the whole run in a fresh temporary
+// directory (so concurrent runs never share a server), removed at the end.
 // Usage: node scripts/run-tests.mjs [filter-substring ...]
-import { readdirSync, statSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { chmodSync, mkdtempSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { spawn } from 'node:child_process';
 import { createServer } from 'node:net';
 import { register } from 'tsx/esm/api';
@@ -40,14 +42,18 @@ if (files.length === 0) {
 }
 
 let embedded = null;
+let pgDir = null;
 const env = { ...process.env, PARLEY_LOG_LEVEL: process.env.PARLEY_LOG_LEVEL ?? 'silent' };
 if (!env.PARLEY_TEST_PG_URL) {
   const { startEmbeddedPostgres } = await import('../src/store/embedded.ts');
-  embedded = await startEmbeddedPostgres(resolve('.tmp/test-pg'), await freePort());
+  pgDir = mkdtempSync(join(tmpdir(), 'parley-test-pg-'));
+  chmodSync(pgDir, 0o755); // the server runs as the postgres user when we are root
+  embedded = await startEmbeddedPostgres(join(pgDir, 'data'), await freePort());
   env.PARLEY_TEST_PG_URL = embedded.adminUrl;
 }
 
 const child = spawn(process.execPath, ['--import', 'tsx', '--test', '--test-concurrency=1', ...files], { stdio: 'inherit', env });
 const code = await new Promise((res) => child.on('exit', (c, sig) => res(c ?? (sig ? 1 : 0))));
 if (embedded) await embedded.stop();
+if (pgDir) rmSync(pgDir, { recursive: true, force: true });
 process.exit(code);
