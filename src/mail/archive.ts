@@ -1,0 +1,268 @@
+/**
+ * Reading mail archives for import: mbox files, Maildirs, folders of message files and
+ * single message files, one raw RFC 5322 message at a time.
+ */
+import { createReadStream } from 'node:fs';
+import { open, readdir, readFile, stat } from 'node:fs/promises';
+import { extname, join } from 'node:path';
+
+/** What {@link openArchive} found at the path. */
+export type ArchiveKind = 'mbox' | 'maildir' | 'eml-folder' | 'eml-file';
+
+/** One message of an archive. */
+export interface ArchiveMessage {
+  /** Where the message came from: a file path, or `<mbox path>#<zero-based index>` for a message inside an mbox file. */
+  source: string;
+  /** The message bytes (RFC 5322), without the mbox envelope line and with mboxrd `>From ` escaping undone. */
+  raw: Buffer;
+}
+
+/** An opened archive; {@link Archive.messages} can be iterated more than once. */
+export interface Archive {
+  kind: ArchiveKind;
+  /** Number of messages `messages()` yields, known before reading them (for progress reporting). */
+  count: number;
+  /** The messages in a stable order (file names sorted, mbox messages in file order), read lazily. */
+  messages(): AsyncIterable<ArchiveMessage>;
+}
+
+/** Extensions of single-message files, which need only a header section to be taken as a message (a bare MIME entity). */
+const MESSAGE_EXTENSIONS = new Set(['.eml', '.msg']);
+/** Extensions that name an mbox file even when it holds fewer than two messages. */
+const MBOX_EXTENSIONS = new Set(['.mbox', '.mbx', '.mbs']);
+/** Project files that sit beside corpora and are never messages. */
+const NOT_MESSAGES = new Set(['source.md', 'readme.md', 'license', 'copying']);
+/** How much of a file is read to decide whether it is a message. */
+const SNIFF_BYTES = 64 * 1024;
+/** A header field line (RFC 5322 §2.2), allowing the obsolete whitespace before the colon (§4.5). */
+const HEADER_FIELD_LINE = /^[\x21-\x39\x3B-\x7E]+[ \t]*:/;
+/** Header fields at least one of which any real message carries (RFC 5322 §3.6, RFC 5321 trace fields). */
+const MESSAGE_FIELDS = /^(?:from|to|cc|subject|date|message-id|received|return-path|delivered-to|sender|reply-to|in-reply-to|references|mime-version)[ \t]*:/im;
+
+const isEnvelopeLine = (line: string): boolean => line.startsWith('From ') && !HEADER_FIELD_LINE.test(line);
+const isBlankLine = (line: Buffer): boolean => line.length <= 2 && line.toString('latin1').trim() === '';
+
+/**
+ * Opens an archive for import and counts its messages.
+ *
+ * - a directory with `cur/` and `new/` subdirectories is a **Maildir** (its Maildir++
+ *   `.Folder` subdirectories included; `tmp/` is skipped, as Maildir readers must);
+ * - any other directory is an **eml-folder**, walked recursively in name order: every file
+ *   that looks like a message (`*.eml`, `*.txt`, extensionless… files starting with a
+ *   header section that has one of From/To/Subject/Date/Message-ID/Received…; `*.eml` and
+ *   `*.msg` files need only a header section) or is an mbox, whose messages are each
+ *   counted; a nested Maildir contributes its cur/ and new/ files; dot-files,
+ *   README.md/SOURCE.md, symbolic links and non-message files are skipped;
+ * - a file starting with an mbox `From ` envelope line (RFC 4155) is an **mbox** when it
+ *   holds several messages or is named `*.mbox`/`*.mbx`/`*.mbs`, otherwise an **eml-file**;
+ *   any other file that looks like a message is an **eml-file**.
+ *
+ * mbox files are split on `From ` lines at the start of the file or after a blank line
+ * and followed by a header field; `>From ` lines are unescaped (mboxrd, which also undoes
+ * mboxo escaping); Content-Length headers are ignored. They are streamed, never read whole.
+ *
+ * @throws Error when the path does not exist, or is a file that is neither a message nor an mbox.
+ */
+export async function openArchive(path: string): Promise<Archive> {
+  const info = await stat(path).catch((err: NodeJS.ErrnoException) => {
+    throw new Error(err.code === 'ENOENT' ? `Archive not found: ${path} does not exist` : `Cannot open archive ${path}: ${err.message}`);
+  });
+  if (info.isDirectory()) {
+    if (await isMaildir(path)) return openMaildir(path);
+    return openFolder(path);
+  }
+  const file = await classifyFile(path);
+  if (file === null) throw new Error(`Not an email archive: ${path} is neither an email message nor an mbox file`);
+  return { kind: file.kind, count: file.count, messages: () => fileMessages(file) };
+}
+
+/** A message file or an mbox file, as classified by {@link classifyFile}. */
+interface ArchiveFile {
+  path: string;
+  kind: 'mbox' | 'eml-file';
+  count: number;
+  /** Whether the file starts with an mbox envelope line (its messages are then split out of it). */
+  hasEnvelope: boolean;
+}
+
+/** A file's kind and message count, or null when it holds no message. */
+async function classifyFile(path: string): Promise<ArchiveFile | null> {
+  const head = await readHead(path);
+  const newline = head.indexOf('\n');
+  const firstLine = head.subarray(0, newline < 0 ? head.length : newline).toString('latin1');
+  const isMboxNamed = MBOX_EXTENSIONS.has(extname(path).toLowerCase());
+  if (isEnvelopeLine(firstLine)) {
+    const count = await countMboxMessages(path);
+    if (count >= 2 || isMboxNamed) return { path, kind: 'mbox', count, hasEnvelope: true };
+    return count === 1 ? { path, kind: 'eml-file', count, hasEnvelope: true } : null;
+  }
+  if (isMboxNamed && head.toString('latin1').trim() === '') return { path, kind: 'mbox', count: 0, hasEnvelope: false };
+  const isMessageNamed = MESSAGE_EXTENSIONS.has(extname(path).toLowerCase());
+  return looksLikeMessage(head, isMessageNamed) ? { path, kind: 'eml-file', count: 1, hasEnvelope: false } : null;
+}
+
+/**
+ * Whether `head` (the start of a file) begins with a header section: a header field first
+ * (tolerating stray leading whitespace) and, unless `anyFields`, one of the fields every
+ * real message has; a bare MIME entity (only Content-* fields) needs `anyFields`.
+ */
+function looksLikeMessage(head: Buffer, anyFields: boolean): boolean {
+  const text = head.toString('latin1').trimStart();
+  const headerEnd = text.search(/\r?\n\r?\n/);
+  const header = headerEnd < 0 ? text : text.slice(0, headerEnd);
+  return HEADER_FIELD_LINE.test(header) && (anyFields || MESSAGE_FIELDS.test(header));
+}
+
+async function readHead(path: string): Promise<Buffer> {
+  const handle = await open(path, 'r');
+  try {
+    const buffer = Buffer.alloc(SNIFF_BYTES);
+    const { bytesRead } = await handle.read(buffer, 0, SNIFF_BYTES, 0);
+    return buffer.subarray(0, bytesRead);
+  } finally {
+    await handle.close();
+  }
+}
+
+async function* fileMessages(file: ArchiveFile): AsyncGenerator<ArchiveMessage> {
+  if (!file.hasEnvelope) {
+    if (file.count > 0) yield { source: file.path, raw: await readFile(file.path) };
+    return;
+  }
+  let index = 0;
+  for await (const raw of splitMbox(file.path, true)) {
+    yield { source: file.kind === 'mbox' ? `${file.path}#${index}` : file.path, raw };
+    index++;
+  }
+}
+
+async function countMboxMessages(path: string): Promise<number> {
+  let count = 0;
+  for await (const _ of splitMbox(path, false)) count++;
+  return count;
+}
+
+/** The lines of a file, each with its line terminator, read in chunks. */
+async function* readLines(path: string): AsyncGenerator<Buffer> {
+  let pending: Buffer[] = [];
+  for await (const chunk of createReadStream(path, { highWaterMark: 256 * 1024 }) as AsyncIterable<Buffer>) {
+    let start = 0;
+    let newline: number;
+    while ((newline = chunk.indexOf(0x0a, start)) >= 0) {
+      const tail = chunk.subarray(start, newline + 1);
+      yield pending.length > 0 ? Buffer.concat([...pending, tail]) : tail;
+      pending = [];
+      start = newline + 1;
+    }
+    if (start < chunk.length) pending.push(chunk.subarray(start));
+  }
+  if (pending.length > 0) yield Buffer.concat(pending);
+}
+
+/**
+ * The messages of an mbox file (RFC 4155). A `From ` line is a separator when it starts
+ * the file or follows a blank line, and the next line is a header field. The blank line
+ * before a separator belongs to the mbox format and is dropped. With `collect` false the
+ * messages are only counted: empty buffers are yielded.
+ */
+async function* splitMbox(path: string, collect: boolean): AsyncGenerator<Buffer> {
+  let message: Buffer[] | null = null;
+  let candidate: Buffer | null = null;
+  let previousBlank = true;
+  const finish = (): Buffer => {
+    const lines = message ?? [];
+    if (lines.length > 0 && isBlankLine(lines[lines.length - 1])) lines.pop();
+    return collect ? Buffer.concat(lines) : Buffer.alloc(0);
+  };
+  const append = (line: Buffer) => {
+    if (message !== null && collect) message.push(unescapeFromLine(line));
+  };
+  for await (const line of readLines(path)) {
+    if (candidate !== null) {
+      const separator = candidate;
+      candidate = null;
+      if (HEADER_FIELD_LINE.test(line.toString('latin1'))) {
+        if (message !== null) yield finish();
+        message = [];
+      } else {
+        append(separator);
+      }
+    } else if (previousBlank && line[0] === 0x46 && isEnvelopeLine(line.toString('latin1'))) {
+      candidate = line;
+      previousBlank = false;
+      continue;
+    }
+    append(line);
+    previousBlank = isBlankLine(line);
+  }
+  if (candidate !== null) append(candidate);
+  if (message !== null) yield finish();
+}
+
+/** mboxrd unescaping: `>From `, `>>From `… lose one `>`. */
+function unescapeFromLine(line: Buffer): Buffer {
+  let quotes = 0;
+  while (line[quotes] === 0x3e) quotes++;
+  return quotes > 0 && line.subarray(quotes, quotes + 5).toString('latin1') === 'From ' ? line.subarray(1) : line;
+}
+
+async function isMaildir(path: string): Promise<boolean> {
+  const [cur, fresh] = await Promise.all([stat(join(path, 'cur')).catch(() => null), stat(join(path, 'new')).catch(() => null)]);
+  return cur?.isDirectory() === true && fresh?.isDirectory() === true;
+}
+
+/** The message files of a Maildir: cur/ then new/ (each sorted), then those of its Maildir++ subfolders. */
+async function maildirFiles(path: string): Promise<string[]> {
+  const files: string[] = [];
+  for (const sub of ['cur', 'new']) {
+    const entries = await readdir(join(path, sub), { withFileTypes: true });
+    files.push(...entries.filter((e) => e.isFile() && !e.name.startsWith('.')).map((e) => join(path, sub, e.name)).sort());
+  }
+  const folders = (await readdir(path, { withFileTypes: true })).filter((e) => e.isDirectory() && e.name.startsWith('.'));
+  for (const folder of folders.map((e) => e.name).sort()) {
+    const folderPath = join(path, folder);
+    if (await isMaildir(folderPath)) files.push(...(await maildirFiles(folderPath)));
+  }
+  return files;
+}
+
+async function openMaildir(path: string): Promise<Archive> {
+  const files = await maildirFiles(path);
+  return {
+    kind: 'maildir',
+    count: files.length,
+    async *messages() {
+      for (const file of files) yield { source: file, raw: await readFile(file) };
+    },
+  };
+}
+
+/**
+ * Candidate message files under `dir`, recursively, in sorted order: every file except
+ * dot-files and project notes; a nested Maildir contributes its new/ and cur/ files only.
+ */
+async function folderFiles(dir: string): Promise<string[]> {
+  const entries = (await readdir(dir, { withFileTypes: true })).filter((e) => !e.name.startsWith('.')).sort((a, b) => (a.name < b.name ? -1 : 1));
+  const files: string[] = [];
+  for (const entry of entries) {
+    const path = join(dir, entry.name);
+    if (entry.isDirectory()) files.push(...(await ((await isMaildir(path)) ? maildirFiles(path) : folderFiles(path))));
+    else if (entry.isFile() && !NOT_MESSAGES.has(entry.name.toLowerCase())) files.push(path);
+  }
+  return files;
+}
+
+async function openFolder(path: string): Promise<Archive> {
+  const files: ArchiveFile[] = [];
+  for (const candidate of await folderFiles(path)) {
+    const file = await classifyFile(candidate);
+    if (file !== null && file.count > 0) files.push(file);
+  }
+  return {
+    kind: 'eml-folder',
+    count: files.reduce((sum, f) => sum + f.count, 0),
+    async *messages() {
+      for (const file of files) yield* fileMessages(file);
+    },
+  };
+}
