@@ -3,7 +3,6 @@ import type { Logger } from './platform/logger.ts';
 import type { Clock } from './platform/clock.ts';
 import type { BlobStore } from './platform/blobs.ts';
 import type { Db } from './store/db.ts';
-import { domainOf } from './mail/address.ts';
 
 /**
  * The dependencies every command receives (ARCHITECTURE.md: "commands get their
@@ -19,7 +18,8 @@ export interface Deps {
 
 /** Is `address` served by this platform (its domain is one of PARLEY_DOMAINS)? */
 export function isLocalAddress(deps: Pick<Deps, 'config'>, address: string): boolean {
-  return deps.config.domains.includes(domainOf(address));
+  const at = address.lastIndexOf('@');
+  return at > 0 && deps.config.domains.includes(address.slice(at + 1).toLowerCase());
 }
 
 /** The platform's primary domain: leader name of the conversations it creates, Message-ID domain. */
