@@ -5,7 +5,10 @@ import type { Tx, Queryable } from '../store/db.ts';
  * Per-user event streams (PRODUCT.md §5; the device-sync seed 003): every event that
  * concerns a user gets the next number of that user's stream, inside the writing
  * transaction. Numbers are gapless and in commit order per user, because the user row
- * is locked while they are assigned; locks are taken in user-id order (no deadlocks).
+ * is locked while they are assigned; locks are taken in user-id order (no deadlocks). The
+ * lock is FOR NO KEY UPDATE: a FOR UPDATE lock would conflict with the KEY SHARE lock that
+ * inserting a row referencing the user (participants, user_events) takes, and two
+ * concurrent writers for the same user would deadlock.
  */
 
 export interface NewEvent {
@@ -31,7 +34,7 @@ export async function appendEvents(tx: Tx, events: NewEvent[]): Promise<Map<numb
   const ids = [...counts.keys()].sort((a, b) => a - b);
   const incs = ids.map((id) => counts.get(id)!);
   const rows = await sql<{ id: number; stream_seq: number }>`
-    with locked as (select id from users where id = any(${ids}::bigint[]) order by id for update),
+    with locked as (select id from users where id = any(${ids}::bigint[]) order by id for no key update),
          inc as (select * from unnest(${ids}::bigint[], ${incs}::int[]) as t(id, n))
     update users u set stream_seq = u.stream_seq + inc.n
       from locked join inc on inc.id = locked.id
