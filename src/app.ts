@@ -5,14 +5,14 @@ import type { Config } from './platform/config.ts';
 import { createLogger, type Logger } from './platform/logger.ts';
 import { systemClock, type Clock } from './platform/clock.ts';
 import { BlobStore } from './platform/blobs.ts';
-import { openDb, type Db } from './store/db.ts';
-import { migrate } from './store/migrate.ts';
-import { startEmbeddedPostgres, type EmbeddedDatabase } from './store/embedded.ts';
+import { openDatabase } from './store/open.ts';
 import type { Deps } from './context.ts';
 import { buildServer } from './http/server.ts';
 import { routeModules } from './http/routes.ts';
 import { startRealtime, type Realtime } from './streams/realtime.ts';
 import { startRoleServices, type RoleServices } from './roles.ts';
+
+export { openDatabase };
 
 /** The roles one process can play (ARCHITECTURE.md, "Processes"). */
 export const ROLES = ['web', 'worker', 'smtp'] as const;
@@ -27,25 +27,6 @@ export interface Platform {
   /** Bound SMTP port, when the smtp role runs. */
   smtpPort: number | null;
   stop(): Promise<void>;
-}
-
-/**
- * Opens the database — `DATABASE_URL`, or the embedded PostgreSQL under `<dataDir>/pg` —
- * and runs the migrations.
- */
-export async function openDatabase(config: Config, log: Logger): Promise<{ db: Db; embedded: EmbeddedDatabase | null }> {
-  let url = config.databaseUrl;
-  let embedded: EmbeddedDatabase | null = null;
-  if (!url) {
-    const dir = join(resolve(config.dataDir), 'pg');
-    log.info({ dir, port: config.embeddedPgPort }, 'starting embedded PostgreSQL');
-    embedded = await startEmbeddedPostgres(dir, config.embeddedPgPort);
-    url = embedded.url;
-  }
-  const db = openDb(url, 20);
-  const applied = await migrate(db.pool);
-  if (applied.length) log.info({ applied }, 'migrations applied');
-  return { db, embedded };
 }
 
 /**

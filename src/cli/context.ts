@@ -4,7 +4,7 @@ import { loadConfig, type Config } from '../platform/config.ts';
 import { createLogger } from '../platform/logger.ts';
 import { systemClock } from '../platform/clock.ts';
 import { BlobStore } from '../platform/blobs.ts';
-import { openDatabase } from '../app.ts';
+import { openDatabase } from '../store/open.ts';
 import type { Deps } from '../context.ts';
 
 /** The configuration for a CLI command: global `--config` plus the environment. */

@@ -69,7 +69,7 @@ export async function buildServer(deps: Deps, modules: RouteModule[]): Promise<F
   const app = Fastify({
     logger: false,
     bodyLimit: deps.config.maxBodyBytes,
-    trustProxy: true,
+    trustProxy: deps.config.trustProxy,
     ajv: { customOptions: { removeAdditional: false, coerceTypes: 'array', useDefaults: true, allErrors: false } },
   });
   app.decorateRequest('user', null);

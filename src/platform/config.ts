@@ -37,12 +37,16 @@ export const ConfigSchema = Type.Object(
     maxBodyBytes: Type.Integer({ minimum: 1024 }),
     /** How long an outbound email is retried before it fails, in hours (PARLEY_DELIVERY_MAX_AGE_HOURS). */
     deliveryMaxAgeHours: Type.Number({ minimum: 0.001 }),
+    /** Lease of a claimed delivery in ms (PARLEY_DELIVERY_LEASE_MS): a worker killed mid-attempt frees its claims after this. */
+    deliveryLeaseMs: Type.Integer({ minimum: 100 }),
     /** DNS timeout for SPF/DKIM/DMARC lookups in ms (PARLEY_DNS_TIMEOUT_MS). */
     dnsTimeoutMs: Type.Integer({ minimum: 50 }),
     /** Skip DNS entirely (PARLEY_DNS_OFFLINE=1): mail authentication results become "none". */
     dnsOffline: Type.Boolean(),
     /** Session lifetime in days (PARLEY_SESSION_DAYS). */
     sessionDays: Type.Number({ minimum: 0.01 }),
+    /** Trust X-Forwarded-For from a reverse proxy (PARLEY_TRUST_PROXY): only behind one. */
+    trustProxy: Type.Boolean(),
     /** Log level (PARLEY_LOG_LEVEL). */
     logLevel: Type.Union(['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'].map((l) => Type.Literal(l))),
   },
@@ -67,9 +71,11 @@ export const DEFAULT_CONFIG: Config = {
   maxAttachmentBytes: 25 * 1024 * 1024,
   maxBodyBytes: 1024 * 1024,
   deliveryMaxAgeHours: 120,
+  deliveryLeaseMs: 120_000,
   dnsTimeoutMs: 1500,
   dnsOffline: false,
   sessionDays: 30,
+  trustProxy: false,
   logLevel: 'info',
 };
 
@@ -88,9 +94,11 @@ const ENV: Record<string, keyof Config> = {
   PARLEY_MAX_ATTACHMENT_BYTES: 'maxAttachmentBytes',
   PARLEY_MAX_BODY_BYTES: 'maxBodyBytes',
   PARLEY_DELIVERY_MAX_AGE_HOURS: 'deliveryMaxAgeHours',
+  PARLEY_DELIVERY_LEASE_MS: 'deliveryLeaseMs',
   PARLEY_DNS_TIMEOUT_MS: 'dnsTimeoutMs',
   PARLEY_DNS_OFFLINE: 'dnsOffline',
   PARLEY_SESSION_DAYS: 'sessionDays',
+  PARLEY_TRUST_PROXY: 'trustProxy',
   PARLEY_LOG_LEVEL: 'logLevel',
 };
 

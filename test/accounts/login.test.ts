@@ -18,7 +18,7 @@ describe('login, throttling and sessions', () => {
   const addUser = (address: string) => createUser(tp.platform.deps, { address, password: PASSWORD });
 
   before(async () => {
-    tp = await startTestPlatform({}, ['web']);
+    tp = await startTestPlatform({ trustProxy: true }, ['web']);
     anon = new ApiClient(tp.base, null, '');
   });
   after(async () => tp.stop());

@@ -1,7 +1,10 @@
 import type { Command } from 'commander';
-import { ROLES, type Role, startPlatform } from '../../app.ts';
+import type { Role } from '../../app.ts';
 import { createLogger } from '../../platform/logger.ts';
 import { cliConfig, withDeps } from '../context.ts';
+
+/** The roles (kept in step with src/app.ts ROLES). */
+const ROLES = ['web', 'worker', 'smtp'] as const;
 
 /** `parley start [--roles web,worker,smtp]` and `parley migrate`. */
 export function registerStart(program: Command): void {
@@ -15,6 +18,8 @@ export function registerStart(program: Command): void {
       if (bad.length) throw new Error(`unknown role(s) ${bad.join(', ')}; roles are ${ROLES.join(', ')}`);
       const config = cliConfig(cmd);
       const log = createLogger('parley', config.logLevel);
+      // Loaded here, not at the top: other commands need not load the whole server.
+      const { startPlatform } = await import('../../app.ts');
       const platform = await startPlatform(config, roles as Role[], { log });
       log.info({ roles, domains: config.domains, http: platform.httpPort, smtp: platform.smtpPort }, 'parley started');
       let stopping = false;
