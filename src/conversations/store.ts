@@ -232,7 +232,8 @@ export async function persistState(
           lock_at: m.lock?.at ?? null,
           lock_id: m.lock?.id ?? null,
           source: m.source ? JSON.stringify(m.source) : null,
-          search: sql`setweight(to_tsvector('simple', ${m.author}), 'B') || to_tsvector('english', ${m.body.slice(0, 200_000)}) || to_tsvector('simple', ${m.files.map((f) => f.name).join(' ')})`,
+          // Tokens: src/store/migrations/002_search.sql (body, author address, file names).
+          search: sql`parley_message_search(${m.author}, ${m.body.slice(0, 200_000)}, ${m.files.map((f) => f.name)}::text[])`,
         })),
       )
       .onConflict((oc) =>
@@ -315,9 +316,8 @@ export async function persistState(
       message_count: h.message_count,
       ...(participantsChanged || actions.some((a) => a.act === 'subject:modify' || a.act === 'conv:create')
         ? {
-            search_header: sql`setweight(to_tsvector('english', ${h.subject}), 'A') || to_tsvector('simple', ${[
-              ...s.participants.keys(),
-            ].join(' ')})`,
+            // Subject and every participant's address (src/store/migrations/002_search.sql).
+            search_header: sql`parley_search_header(${h.subject}, ${[...s.participants.keys()]}::text[])`,
           }
         : {}),
     })
