@@ -4,6 +4,7 @@ import { AppError } from '../platform/errors.ts';
 import { registerStart } from './commands/start.ts';
 import { registerUser } from './commands/user.ts';
 import { registerImport } from './commands/import.ts';
+import { registerDeliveries } from './commands/deliveries.ts';
 
 /**
  * The `parley` command line (issue 2): start, migrate, user add|list, import.
@@ -17,6 +18,7 @@ const program = new Command('parley')
 registerStart(program);
 registerUser(program);
 registerImport(program);
+registerDeliveries(program);
 
 try {
   await program.parseAsync(process.argv);

@@ -214,6 +214,9 @@ export interface DeliveriesTable {
   delivered_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
   read_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
   replied_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+  idempotency_base: ColumnType<string | null, string | null | undefined, string | null>;
+  step_started_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+  fallback_policy: ColumnType<{ not_delivered_s?: number; not_read_s?: number } | null, string | null | undefined, string | null>;
 }
 
 export interface OrganisationsTable {
@@ -298,10 +301,11 @@ export interface OutboundMessagesTable {
 
 export interface DeliveryEventsTable {
   id: Generated<number>;
-  delivery_id: number;
+  delivery_id: number | null;
+  org_id: ColumnType<number | null, number | null | undefined, number | null>;
   at: GeneratedTimestamp;
   plugin: string;
-  kind: 'delivered' | 'read' | 'replied' | 'failed';
+  kind: 'delivered' | 'read' | 'replied' | 'failed' | 'fallback' | 'retried' | 'cancelled';
   provider_ref: string | null;
   detail: Json | null;
 }
