@@ -6,11 +6,13 @@ import { webhookPlugin } from './plugins/webhook.ts';
 
 const extra = new Map<string, DeliveryPlugin>();
 
-/** The built-in plugins by name (issue 4 §1): `parley`, `smtp`, `webhook`, `sms`. A fresh map each call. */
+/** The built-in plugins by name (issue 4 §1): `parley`, `smtp`, `webhook`, `sms`. A fresh map (of the same stateless plugin objects) each call. */
 export function builtinPlugins(): Map<string, DeliveryPlugin> {
-  const list = [parleyPlugin(), smtpPlugin, webhookPlugin(), smsPlugin()];
-  return new Map(list.map((p) => [p.name, p]));
+  builtins ??= [parleyPlugin(), smtpPlugin, webhookPlugin(), smsPlugin()];
+  return new Map(builtins.map((p) => [p.name, p]));
 }
+
+let builtins: DeliveryPlugin[] | null = null;
 
 /**
  * Adds a plugin to this process's set (beside the built-in ones), for servicechains and

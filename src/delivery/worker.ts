@@ -157,18 +157,16 @@ export async function recordOutcome(
       .where('state', '=', 'sending')
       .where('locked_by', '=', d.locked_by)
       .where('attempts', '=', d.attempts)
+      .returningAll()
       .executeTakeFirst();
-    if (Number(r.numUpdatedRows) === 0) {
+    if (!r) {
       deps.log.warn({ delivery: d.id, worker, outcome: result.outcome }, 'delivery claim lost (lease expired and re-claimed, or cancelled): outcome recorded as an attempt only');
       return;
     }
     applied = true;
     let wake = moved !== null && moved.to !== null;
     if (moved) await recordFallback(tx, d, moved.to, moved.reason);
-    if (result.outcome === 'accepted') {
-      const row = await tx.selectFrom('deliveries').selectAll().where('id', '=', d.id).forUpdate().executeTakeFirstOrThrow();
-      if (await applyEarlyReceipts(tx, row, opts.plugin, now)) wake = true;
-    }
+    if (result.outcome === 'accepted' && (await applyEarlyReceipts(tx, r as Delivery, opts.plugin, now))) wake = true;
     if (wake) await wakeWorkers(tx);
   });
   return applied;
