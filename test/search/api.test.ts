@@ -258,6 +258,20 @@ describe('search over the client API', () => {
     assert.equal(anon.status, 401);
   });
 
+  it('random queries get 200 or 400 invalid_query, never 500 (seeded fuzz)', async () => {
+    let seed = 0x5eed;
+    const rnd = (n: number) => {
+      seed = (seed * 1103515245 + 12345) % 2 ** 31;
+      return seed % n;
+    };
+    const pieces = ['from:', 'to:', 'includes:', 'subject:', 'has:', 'attachment', '"', "'", '\\', ':*', '&', '|', '!', '(', ')', '<->', '<2>', '-', '@', '.', '/', '+', '_', ',', ' ', ' ', 'meet', 'bob', 'é', '東京', '🎉', '\u0301', 'the', 'x', '%', '$1', ';', '--', '\t', 'NULL', '*'];
+    for (let i = 0; i < 40; i++) {
+      const q = Array.from({ length: 1 + rnd(12) }, () => pieces[rnd(pieces.length)]).join('');
+      const r = await alice.get(`/api/search?q=${encodeURIComponent(q)}&limit=5`);
+      assert.ok(r.status === 200 || (r.status === 400 && r.body.error.code === 'invalid_query'), `${JSON.stringify(q)} → ${r.status} ${JSON.stringify(r.body)}`);
+    }
+  });
+
   it('is described in the OpenAPI document', async () => {
     const r = await alice.get('/api/openapi.json');
     const op = r.body.paths['/api/search'].get;
