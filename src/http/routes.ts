@@ -6,8 +6,9 @@ import { attachmentRoutes } from '../attachments/routes.ts';
 import { searchRoutes } from '../search/routes.ts';
 import { streamRoutes } from '../streams/routes.ts';
 import { deliveryRoutes } from '../delivery/routes.ts';
+import { organisationRoutes } from '../organisations/routes.ts';
 
 /** Every route module of the web role, in registration order. */
 export function routeModules(realtime: Realtime): RouteModule[] {
-  return [accountRoutes, conversationRoutes, attachmentRoutes, searchRoutes, streamRoutes(realtime), deliveryRoutes];
+  return [accountRoutes, conversationRoutes, attachmentRoutes, searchRoutes, streamRoutes(realtime), deliveryRoutes, organisationRoutes];
 }

@@ -283,6 +283,10 @@ export interface BlastsTable {
   total: Generated<number>;
   created_by: Generated<string>;
   created_at: GeneratedTimestamp;
+  /** 012: the application's idempotency key. */
+  client_key: ColumnType<string | null, string | null | undefined, string | null>;
+  /** 012: when every message of the blast was prepared. */
+  prepared_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
 }
 
 export interface OutboundMessagesTable {
@@ -297,6 +301,12 @@ export interface OutboundMessagesTable {
   chain: string[];
   client_key: string | null;
   created_at: GeneratedTimestamp;
+  /** 012: when its conversation action and delivery were created; null for a blast message not prepared yet. */
+  prepared_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+  /** 012: why it could not be prepared (it then has no delivery). */
+  error: ColumnType<string | null, string | null | undefined, string | null>;
+  /** 012: who wrote it (the organisation's address, or a member replying). */
+  author: Generated<string>;
 }
 
 export interface DeliveryEventsTable {

@@ -3,6 +3,7 @@ import type { Action, ActionType } from '../../core/actions.ts';
 import type { ConversationState } from '../../core/reducer.ts';
 import { type Deps, isLocalAddress, primaryDomain } from '../../context.ts';
 import type { Tx } from '../../store/db.ts';
+import { routeOrganisationActions } from '../../organisations/replies.ts';
 
 /** The realtime channel that wakes delivery workers (payload unused). */
 export const DELIVERIES_CHANNEL = 'parley_deliveries';
@@ -48,7 +49,12 @@ export async function enqueueEmails(
   wasPublished: boolean,
 ): Promise<void> {
   const h = s.header!;
-  const emailParticipants = [...s.participants.values()].filter((p) => !isLocalAddress(deps, p.address));
+  let emailParticipants = [...s.participants.values()].filter((p) => !isLocalAddress(deps, p.address));
+  // Organisation conversations (issue 4 §5, docs/organisations.md): the contact is reached
+  // through the organisation's servicechain, not by this automatic email — members' replies
+  // are enqueued there instead; other email participants are emailed as usual.
+  const routed = await routeOrganisationActions(tx, deps, convId, s, actions, wasPublished);
+  if (routed) emailParticipants = emailParticipants.filter((p) => !routed.has(p.address));
   if (emailParticipants.length === 0) return;
   const domain = primaryDomain(deps);
   const expiresAt = new Date(deps.clock.now() + deps.config.deliveryMaxAgeHours * 3600_000);
