@@ -7,11 +7,12 @@ import type { InboundReply } from '../delivery/inbound.ts';
 import { knownPlugins } from '../delivery/registry.ts';
 import { applyEvent } from '../delivery/state.ts';
 import { LIMITS } from '../core/actions.ts';
+import { AppError } from '../platform/errors.ts';
 import type { Tx } from '../store/db.ts';
 import { chainFor } from './chains.ts';
 import { normalizePhone } from './contacts.ts';
 import { orgById, type Org } from './orgs.ts';
-import { contactAddresses, contactParticipant, enqueueFor, markOrgApiTx, orgApiSkip, SEND_CONTACT_COLUMNS, type SendContact } from './send.ts';
+import { contactAddresses, contactParticipant, createClock, enqueueFor, inSavepoint, markOrgApiTx, orgApiSkip, SEND_CONTACT_COLUMNS, type SendContact } from './send.ts';
 
 /**
  * Replies in organisation conversations (issue 4 §5: "inbound replies from any plugin are
@@ -197,6 +198,18 @@ export async function handleInboundReply(tx: Tx, deps: Deps, reply: InboundReply
     deps.log.info({ org: reply.orgId, plugin: reply.plugin, event: reply.eventId }, 'inbound reply matches no contact; kept as an unmatched event');
     return;
   }
+  try {
+    await inSavepoint(tx, () => appendReply(tx, deps, reply, contact!));
+  } catch (e) {
+    // The conversation refuses the write (e.g. the organisation's address left it): keep
+    // the event, do not make the provider retry a reply that can never be appended.
+    if (!(e instanceof AppError) || e.status >= 500) throw e;
+    deps.log.warn({ org: reply.orgId, contact: contact.id, event: reply.eventId, err: e.message }, 'inbound reply could not be appended to the conversation');
+  }
+}
+
+/** Appends a matched reply to the contact's conversation (or starts one), and marks the delivery replied. */
+async function appendReply(tx: Tx, deps: Deps, reply: InboundReply, contact: SendContact): Promise<void> {
   const text = reply.text.trim() ? reply.text.slice(0, LIMITS.bodyChars) : '(empty reply)';
   const org = await orgById(tx, reply.orgId);
   markOrgApiTx(tx, new Set(contactAddresses(contact)));
@@ -205,7 +218,7 @@ export async function handleInboundReply(tx: Tx, deps: Deps, reply: InboundReply
   const row = convId !== null ? await tx.selectFrom('conversations').selectAll().where('id', '=', convId).forUpdate().executeTakeFirst() : undefined;
   if (!row) {
     // A contact who never had a conversation writes first: they start one with the organisation.
-    const created = await insertNewConversation(tx, deps, {
+    const created = await insertNewConversation(tx, createClock(deps), {
       creator: contactParticipant(contact),
       subject: org.name,
       participants: [{ address: org.address, perms: 'write' }],

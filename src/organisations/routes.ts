@@ -200,7 +200,8 @@ const idempotencyKey = { type: 'string', minLength: 1, maxLength: 200, pattern: 
 /** The API routes of organisations (see the module comment). */
 export async function organisationRoutes(app: FastifyInstance, deps: Deps): Promise<void> {
   const preparer = startBlastPreparer(deps);
-  const unregister = onInboundReply(handleInboundReply);
+  // A closure per platform: stopping one platform of a process never unregisters another's.
+  const unregister = onInboundReply((tx, d, reply) => handleInboundReply(tx, d, reply));
   app.addHook('onClose', async () => {
     unregister();
     await preparer.stop();

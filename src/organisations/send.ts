@@ -84,7 +84,8 @@ export interface OutboundRow {
  * here; a collision with another process (409 `key_taken`) retries the transaction (withRetry).
  */
 let lastCreateMs = 0;
-function createClock(deps: Deps): Deps {
+/** `deps` with a clock frozen at this process's next conversation-creation time (see lastCreateMs). */
+export function createClock(deps: Deps): Deps {
   const ms = Math.max(deps.clock.now(), lastCreateMs + 1);
   lastCreateMs = ms;
   return { ...deps, clock: { now: () => ms } };

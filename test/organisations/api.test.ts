@@ -50,6 +50,10 @@ describe('organisations API', () => {
     assert.equal((await admin.post('/api/admin/organisations', { ...body, default_chain: ['pigeon'] })).body.error.code, 'unknown_plugin');
     const mine = await owner.get('/api/organisations');
     assert.deepEqual(mine.body.items.map((o: any) => [o.slug, o.role]), [['acme', 'owner']]);
+    const doc = await owner.get('/api/openapi.json');
+    assert.equal(doc.status, 200);
+    for (const path of ['/api/organisations/{slug}/messages', '/api/organisations/{slug}/blasts/{id}', '/api/organisations/{slug}/contacts/import'])
+      assert.ok(Object.values(doc.body.paths[path] ?? {}).some((op: any) => op.tags?.includes('organisations') && op.summary), path);
   });
 
   test('roles: a member cannot create tokens or manage members; an owner can', async () => {
