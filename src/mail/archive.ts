@@ -92,7 +92,8 @@ async function classifyFile(path: string): Promise<ArchiveFile | null> {
   const firstLine = head.subarray(0, newline < 0 ? head.length : newline).toString('latin1');
   const isMboxNamed = MBOX_EXTENSIONS.has(extname(path).toLowerCase());
   if (isEnvelopeLine(firstLine)) {
-    const count = await countMboxMessages(path);
+    // A head shorter than SNIFF_BYTES is the whole file: count it without reading it again.
+    const count = await countMboxMessages(head.length < SNIFF_BYTES ? head : path);
     if (count >= 2 || isMboxNamed) return { path, kind: 'mbox', count, hasEnvelope: true };
     return count === 1 ? { path, kind: 'eml-file', count, hasEnvelope: true } : null;
   }
@@ -136,27 +137,43 @@ async function* fileMessages(file: ArchiveFile): AsyncGenerator<ArchiveMessage> 
   }
 }
 
-async function countMboxMessages(path: string): Promise<number> {
+/** Messages of an mbox file, or of its whole content when already read. */
+async function countMboxMessages(source: string | Buffer): Promise<number> {
   let count = 0;
-  for await (const _ of splitMbox(path, false)) count++;
+  for await (const _ of splitMbox(source, false)) count++;
   return count;
 }
 
-/** The lines of a file, each with its line terminator, read in chunks. */
-async function* readLines(path: string): AsyncGenerator<Buffer> {
+/** Files up to this size are read at once instead of streamed (a message file; most of a folder import). */
+const READ_WHOLE_BYTES = 1024 * 1024;
+
+/**
+ * The lines of a file (or of its content), each with its line terminator, in batches: one
+ * batch per chunk read (small files at once: a stream costs more than the read), so the
+ * caller pays for one await per chunk rather than per line.
+ */
+async function* readLines(source: string | Buffer): AsyncGenerator<Buffer[]> {
   let pending: Buffer[] = [];
-  for await (const chunk of createReadStream(path, { highWaterMark: 256 * 1024 }) as AsyncIterable<Buffer>) {
+  const chunks: AsyncIterable<Buffer> | Buffer[] =
+    typeof source !== 'string'
+      ? [source]
+      : (await stat(source)).size <= READ_WHOLE_BYTES
+        ? [await readFile(source)]
+        : (createReadStream(source, { highWaterMark: 256 * 1024 }) as AsyncIterable<Buffer>);
+  for await (const chunk of chunks) {
+    const lines: Buffer[] = [];
     let start = 0;
     let newline: number;
     while ((newline = chunk.indexOf(0x0a, start)) >= 0) {
       const tail = chunk.subarray(start, newline + 1);
-      yield pending.length > 0 ? Buffer.concat([...pending, tail]) : tail;
+      lines.push(pending.length > 0 ? Buffer.concat([...pending, tail]) : tail);
       pending = [];
       start = newline + 1;
     }
     if (start < chunk.length) pending.push(chunk.subarray(start));
+    if (lines.length > 0) yield lines;
   }
-  if (pending.length > 0) yield Buffer.concat(pending);
+  if (pending.length > 0) yield [Buffer.concat(pending)];
 }
 
 /**
@@ -165,7 +182,7 @@ async function* readLines(path: string): AsyncGenerator<Buffer> {
  * before a separator belongs to the mbox format and is dropped. With `collect` false the
  * messages are only counted: empty buffers are yielded.
  */
-async function* splitMbox(path: string, collect: boolean): AsyncGenerator<Buffer> {
+async function* splitMbox(source: string | Buffer, collect: boolean): AsyncGenerator<Buffer> {
   let message: Buffer[] | null = null;
   let candidate: Buffer | null = null;
   let previousBlank = true;
@@ -177,7 +194,7 @@ async function* splitMbox(path: string, collect: boolean): AsyncGenerator<Buffer
   const append = (line: Buffer) => {
     if (message !== null && collect) message.push(unescapeFromLine(line));
   };
-  for await (const line of readLines(path)) {
+  for await (const batch of readLines(source)) for (const line of batch) {
     if (candidate !== null) {
       const separator = candidate;
       candidate = null;

@@ -1,4 +1,85 @@
+import { writeFile } from 'node:fs/promises';
+import { resolve } from 'node:path';
 import type { Command } from 'commander';
+import cliProgress from 'cli-progress';
+import { importArchive, type ImportProgress, type ImportSummary } from '../../mail/inbound/import-archive.ts';
+import { badRequest } from '../../platform/errors.ts';
+import { withDeps } from '../context.ts';
 
-/** `parley import` (to be completed). */
-export function registerImport(_program: Command): void {}
+/** Failures listed in the printed summary; `--report` has them all. */
+const LISTED_FAILURES = 20;
+/** Without a terminal, one progress line per this many ms. */
+const PROGRESS_LINE_MS = 2000;
+
+function counts(p: ImportProgress): string {
+  return `imported ${p.imported}, threaded ${p.threaded}, duplicates ${p.duplicates}, failed ${p.failed}`;
+}
+
+/** The human-readable summary printed at the end. */
+export function formatSummary(path: string, s: ImportSummary, report: string | null): string {
+  const rate = s.seconds > 0 ? Math.round(s.processed / s.seconds) : s.processed;
+  const lines = [
+    `Imported ${path} (${s.kind}) for ${s.owner}: ${s.processed} of ${s.total} messages in ${s.seconds.toFixed(1)} s (${rate} msg/s)`,
+    `  imported (new conversations):         ${s.imported}`,
+    `  threaded (added to a conversation):   ${s.threaded}`,
+    `  duplicates skipped (already there):   ${s.duplicates}`,
+    `  failed (kept raw, not imported):      ${s.failed}`,
+  ];
+  for (const f of s.failures.slice(0, LISTED_FAILURES)) lines.push(`    ${f.source}: ${f.reason}`);
+  if (s.failures.length > LISTED_FAILURES) {
+    lines.push(`    … and ${s.failures.length - LISTED_FAILURES} more${report ? ` (all in ${report})` : ' (use --report <file> to list them all)'}`);
+  } else if (report) lines.push(`  report written to ${report}`);
+  return lines.join('\n');
+}
+
+/**
+ * `parley import <path> --owner <address> [--report <file>] [--json] [--concurrency <n>]`
+ * (issue 2 §6): imports an mbox file, a Maildir, a folder of .eml/.msg files or one message
+ * file into conversations for the owner (an existing local user, added to every imported
+ * conversation), threaded like SMTP mail (src/mail/inbound/import-archive.ts). Shows a
+ * progress bar on a terminal (stderr), else a progress line every 2 s; prints a summary
+ * (imported, threaded, duplicates, failed with the reason of each, the first 20 listed).
+ * `--report` writes the summary with every failure as JSON. Importing twice adds nothing.
+ * Exit status 0 when the archive was read (even with failed messages), 2 on a bad owner or
+ * path (AppError).
+ */
+export function registerImport(program: Command): void {
+  program
+    .command('import <path>')
+    .description('import an mbox file, a Maildir, a folder of .eml files or one message into conversations for --owner')
+    .requiredOption('--owner <address>', 'the local user the mail is imported for (must exist)')
+    .option('--report <file>', 'write the summary and every failure as JSON to this file')
+    .option('--json', 'print the summary as JSON instead of text', false)
+    .option('--concurrency <n>', 'messages ingested at once', '4')
+    .action(async (path: string, opts: { owner: string; report?: string; json: boolean; concurrency: string }, cmd: Command) => {
+      const concurrency = Number(opts.concurrency);
+      if (!Number.isInteger(concurrency) || concurrency < 1 || concurrency > 64) throw badRequest('invalid_option', '--concurrency must be an integer from 1 to 64');
+      await withDeps(cmd, async (deps) => {
+        const tty = process.stderr.isTTY === true;
+        const bar = tty
+          ? new cliProgress.SingleBar(
+              { format: 'import [{bar}] {percentage}% | {value}/{total} | {counts} | eta {eta_formatted}', hideCursor: true, stream: process.stderr },
+              cliProgress.Presets.shades_classic,
+            )
+          : null;
+        let lastLine = Date.now();
+        const summary = await importArchive(deps, path, opts.owner, {
+          concurrency,
+          onStart(total, kind) {
+            if (bar) bar.start(total, 0, { counts: '' });
+            else process.stderr.write(`import: ${total} messages (${kind}) in ${path}\n`);
+          },
+          onProgress(p) {
+            if (bar) bar.update(p.processed, { counts: counts(p) });
+            else if (Date.now() - lastLine >= PROGRESS_LINE_MS) {
+              lastLine = Date.now();
+              process.stderr.write(`import: ${p.processed}/${p.total} (${Math.floor((100 * p.processed) / Math.max(1, p.total))}%) ${counts(p)}\n`);
+            }
+          },
+        }).finally(() => bar?.stop());
+        const report = opts.report ? resolve(opts.report) : null;
+        if (report) await writeFile(report, JSON.stringify({ path: resolve(path), ...summary }, null, 2) + '\n');
+        process.stdout.write(opts.json ? JSON.stringify({ path: resolve(path), ...summary }) + '\n' : formatSummary(path, summary, report) + '\n');
+      });
+    });
+}

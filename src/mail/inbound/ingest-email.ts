@@ -304,39 +304,49 @@ function senderOf(deps: Deps, parsed: ParsedEmail, envelope: Envelope): string {
   return candidates[0];
 }
 
-/** The transaction of steps 4–5: threading or creating, email_messages, the inbound row. */
+/** The transaction of step 4: threading or creating, email_messages, the inbound row. */
 async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestResult> {
   const { parsed, envelope } = c;
   const mid = parsed.messageId === null ? null : storableText(parsed.messageId);
   // One ingest at a time per Message-ID (or per raw message without one): a message
   // delivered twice at once is recorded once.
-  await sql`select pg_advisory_xact_lock(hashtextextended(${`parley:inbound:${mid ?? c.sha256}`}, 0))`.execute(tx);
-
+  // The same statement finds which envelope recipients are users.
   const rcpts = uniq(envelope.rcptTo.map((a) => a.trim().toLowerCase()));
   const replyKeys = uniq(rcpts.map((a) => replyKeyOf(deps, a)).filter((k): k is string => k !== null));
   const userAddresses = rcpts.filter((a) => replyKeyOf(deps, a) === null && isLocalAddress(deps, a));
-  const users = userAddresses.length
-    ? await tx.selectFrom('users').select(['id', 'address']).where('address', 'in', userAddresses).execute()
-    : [];
-  const locals = users.map((u) => u.address);
+  const lockKey = `parley:inbound:${mid ?? c.sha256}`;
+  const locked = await sql<{ locals: string[] }>`
+    select array(select address from users where address = any(${userAddresses}::text[]) order by address) as locals
+      from (select pg_advisory_xact_lock(hashtextextended(${lockKey}, 0))) l`.execute(tx);
+  const locals = locked.rows[0].locals;
   const replyConvs = replyKeys.length
     ? await tx.selectFrom('conversations').select(['id', 'key']).where('key', 'in', replyKeys).where('published', '=', true).execute()
     : [];
   if (locals.length === 0 && replyConvs.length === 0) throw new Unprocessable('none of the recipients is a user or conversation of this platform');
 
+  // Every recorded email with this Message-ID or one it names, with the local recipients'
+  // active participation in its conversation: duplicates and threads in one query.
+  const ids = uniq([...parsed.inReplyTo, ...[...parsed.references].reverse()].map(storableText))
+    .filter((id) => id !== mid)
+    .slice(0, 200);
+  const lookup = mid !== null ? [mid, ...ids] : ids;
+  const known = lookup.length
+    ? await tx
+        .selectFrom('email_messages as em')
+        .innerJoin('conversations as cv', 'cv.id', 'em.conv_id')
+        .leftJoin('participants as p', (j) =>
+          j.onRef('p.conv_id', '=', 'em.conv_id').on('p.address', 'in', locals.length ? locals : ['']).on('p.removed_id', 'is', null),
+        )
+        .select(['em.conv_id', 'em.message_id', 'cv.key', 'cv.published', 'p.address'])
+        .where('em.message_id', 'in', lookup)
+        .execute()
+    : [];
+
   // Duplicates.
   const done = new Set<string>();
   const doneConvs = new Set<number>();
   if (mid !== null) {
-    const seen = await tx
-      .selectFrom('email_messages as em')
-      .leftJoin('participants as p', (j) =>
-        j.onRef('p.conv_id', '=', 'em.conv_id').on('p.address', 'in', locals.length ? locals : ['']).on('p.removed_id', 'is', null),
-      )
-      .select(['em.conv_id', 'p.address'])
-      .where('em.message_id', '=', mid)
-      .execute();
-    for (const r of seen) {
+    for (const r of known.filter((k) => k.message_id === mid)) {
       doneConvs.add(r.conv_id);
       if (r.address) done.add(r.address);
     }
@@ -374,21 +384,11 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
   }
 
   // Threading by In-Reply-To, then References (latest first).
-  const ids = uniq([...parsed.inReplyTo, ...[...parsed.references].reverse()].map(storableText)).filter((id) => id !== mid);
   if (ids.length > 0 && remaining.length > 0) {
-    const rows = await tx
-      .selectFrom('email_messages as em')
-      .innerJoin('participants as p', 'p.conv_id', 'em.conv_id')
-      .innerJoin('conversations as cv', 'cv.id', 'em.conv_id')
-      .select(['em.conv_id', 'em.message_id', 'p.address', 'cv.key'])
-      .where('em.message_id', 'in', ids.slice(0, 200))
-      .where('p.address', 'in', remaining)
-      .where('p.removed_id', 'is', null)
-      .where('cv.published', '=', true)
-      .execute();
     const rank = (m: string) => ids.indexOf(m);
+    const threads = known.filter((k) => k.published && k.address !== null && k.message_id !== mid && rank(k.message_id) >= 0);
     for (const a of [...remaining]) {
-      const best = rows.filter((r) => r.address === a).sort((x, y) => rank(x.message_id) - rank(y.message_id) || y.conv_id - x.conv_id)[0];
+      const best = threads.filter((r) => r.address === a).sort((x, y) => rank(x.message_id) - rank(y.message_id) || y.conv_id - x.conv_id)[0];
       if (!best) continue;
       const t = targets.get(best.conv_id) ?? { key: best.key, locals: [] };
       t.locals.push(a);
@@ -425,10 +425,12 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
       .execute();
   }
 
-  const quietActions: { convId: number; actionIds: number[] }[] = [];
-  const recorded: { conv_id: number; message_id: string; direction: 'in'; action_id: number }[] = [];
+  /** Actions whose outbound email is withdrawn (conv id, action id). */
+  const quiet: [number, number][] = [];
+  const recorded: [number, number][] = [];
   const threaded: string[] = [];
   const created: string[] = [];
+  let firstConv: number | null = null;
   const messageInput: ActionInput = {
     act: 'message:add',
     body: c.message.body,
@@ -445,7 +447,6 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
   for (const convId of targetIds) {
     const t = targets.get(convId)!;
     let row = (await lockConversation(tx, t.key))!;
-    const quiet: number[] = [];
     const me = await tx
       .selectFrom('participants')
       .select(['removed_id'])
@@ -458,21 +459,22 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
     if (!me) {
       const adder = await chooseAdder(tx, row, t.locals);
       const { actions } = await appendActions(tx, deps, row, adder, [{ act: 'participant:add', participant: sender, perms: 'write' }]);
-      quiet.push(...actions.map((a) => a.id));
+      // The sender has the email they wrote; the others hear of them through the message.
+      for (const a of actions) quiet.push([convId, a.id]);
       row = (await lockConversation(tx, t.key))!;
     }
     const { actions } = await appendActions(tx, deps, row, sender, [messageInput]);
     const added = actions[0];
-    if (c.quiet) quiet.push(added.id);
-    if (mid !== null) recorded.push({ conv_id: convId, message_id: mid, direction: 'in', action_id: added.id });
-    quietActions.push({ convId, actionIds: quiet });
+    if (c.quiet) quiet.push([convId, added.id]);
+    recorded.push([convId, added.id]);
     threaded.push(t.key);
+    firstConv ??= convId;
   }
 
   if (remaining.length > 0) {
     const covered = new Set([...done, ...[...targets.values()].flatMap((t) => t.locals)]);
     const headerAddresses = uniq([...parsed.to, ...parsed.cc].map((m) => m.address)).filter((a) => replyKeyOf(deps, a) === null);
-    const headerLocals = headerAddresses.filter((a) => isLocalAddress(deps, a));
+    const headerLocals = headerAddresses.filter((a) => isLocalAddress(deps, a) && !remaining.includes(a));
     const existing = headerLocals.length
       ? new Set((await tx.selectFrom('users').select('address').where('address', 'in', headerLocals).execute()).map((u) => u.address))
       : new Set<string>();
@@ -504,34 +506,26 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
     });
     const added = r.actions.find((a) => a.act === 'message:add')!;
     // Nobody is emailed for a conversation started by an email: its recipients have it.
-    quietActions.push({ convId: r.id, actionIds: r.actions.map((a) => a.id) });
-    if (mid !== null) recorded.push({ conv_id: r.id, message_id: mid, direction: 'in', action_id: added.id });
+    for (const a of r.actions) quiet.push([r.id, a.id]);
+    recorded.push([r.id, added.id]);
     created.push(r.key);
+    firstConv ??= r.id;
   }
 
-  for (const q of quietActions) {
-    if (q.actionIds.length === 0) continue;
-    await tx.deleteFrom('deliveries').where('conv_id', '=', q.convId).where('action_id', 'in', q.actionIds).execute();
-    await tx
-      .deleteFrom('email_messages')
-      .where('conv_id', '=', q.convId)
-      .where('direction', '=', 'out')
-      .where('action_id', 'in', q.actionIds)
-      .execute();
-  }
-  if (recorded.length > 0) {
-    await tx.insertInto('email_messages').values(recorded).onConflict((oc) => oc.columns(['conv_id', 'message_id']).doNothing()).execute();
-  }
-  const firstConv = await tx
-    .selectFrom('conversations')
-    .select('id')
-    .where('key', '=', created[0] ?? threaded[0])
-    .executeTakeFirstOrThrow();
-  await tx
-    .updateTable('inbound_emails')
-    .set({ status: 'ingested', conv_id: firstConv.id, error: null, auth: authJson(c.auth) })
-    .where('id', '=', c.inboundId)
-    .execute();
+  // One statement: withdraw the outbound emails of the quiet actions, record the
+  // Message-ID, mark the raw message ingested.
+  const inConv = mid === null ? [] : recorded.map(([conv]) => conv);
+  const inAction = mid === null ? [] : recorded.map(([, id]) => id);
+  await sql`
+    with quiet as (select * from unnest(${quiet.map(([conv]) => conv)}::bigint[], ${quiet.map(([, id]) => id)}::int[]) as q(conv_id, action_id)),
+         withdrawn as (delete from deliveries d using quiet q where d.conv_id = q.conv_id and d.action_id = q.action_id),
+         unsent as (delete from email_messages e using quiet q where e.direction = 'out' and e.conv_id = q.conv_id and e.action_id = q.action_id),
+         received as (
+           insert into email_messages (conv_id, message_id, direction, action_id)
+           select conv_id, ${mid}::text, 'in', action_id from unnest(${inConv}::bigint[], ${inAction}::int[]) as r(conv_id, action_id)
+           on conflict (conv_id, message_id) do nothing)
+    update inbound_emails set status = 'ingested', conv_id = ${firstConv}, error = null, auth = ${authJson(c.auth)}::jsonb
+     where id = ${c.inboundId}`.execute(tx);
   return { inboundId: c.inboundId, status: 'ingested', created, threaded };
 }
 
