@@ -98,7 +98,7 @@ class Unprocessable extends Error {}
 /**
  * Ingests one received email (see the module comment for the steps).
  *
- * Threading and creation rules (documented in docs/email-bridge.md):
+ * Threading and creation rules:
  * - The **local recipients** are the envelope recipients that are local users; a
  *   `reply+<key>@` recipient names its conversation directly.
  * - **Duplicate**: a local recipient is done when the Message-ID is already recorded in
