@@ -1,6 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { createReadStream, existsSync, mkdirSync, type ReadStream } from 'node:fs';
-import { open, rename, rm, stat } from 'node:fs/promises';
+import { mkdir, open, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { tooLarge } from './errors.ts';
@@ -71,9 +71,16 @@ export class BlobStore {
     return { sha256, size };
   }
 
+  /** Fan-out directories known to exist (creating one is a synchronous syscall per write otherwise). */
+  private readonly made = new Set<string>();
+
   private async moveIntoPlace(tmp: string, sha256: string): Promise<void> {
     const dest = this.path(sha256);
-    mkdirSync(join(dest, '..'), { recursive: true });
+    const dir = join(dest, '..');
+    if (!this.made.has(dir)) {
+      await mkdir(dir, { recursive: true });
+      this.made.add(dir);
+    }
     await rename(tmp, dest);
   }
 

@@ -50,7 +50,7 @@ export function registerImport(program: Command): void {
     .requiredOption('--owner <address>', 'the local user the mail is imported for (must exist)')
     .option('--report <file>', 'write the summary and every failure as JSON to this file')
     .option('--json', 'print the summary as JSON instead of text', false)
-    .option('--concurrency <n>', 'messages ingested at once', '4')
+    .option('--concurrency <n>', 'messages ingested at once', '8')
     .action(async (path: string, opts: { owner: string; report?: string; json: boolean; concurrency: string }, cmd: Command) => {
       const concurrency = Number(opts.concurrency);
       if (!Number.isInteger(concurrency) || concurrency < 1 || concurrency > 64) throw badRequest('invalid_option', '--concurrency must be an integer from 1 to 64');

@@ -57,13 +57,15 @@ export interface ImportSummary extends ImportProgress {
   owner: string;
   /** Every failure, in archive order. */
   failures: ImportFailure[];
+  /** Every message skipped as a duplicate, with the reason, in archive order. */
+  duplicatesSkipped: ImportFailure[];
   /** Wall-clock duration in seconds. */
   seconds: number;
 }
 
 /** Options of {@link importArchive}. */
 export interface ImportOptions {
-  /** Messages ingested at once (default 4). */
+  /** Messages ingested at once (default 8). */
   concurrency?: number;
   /** Called after each message. */
   onProgress?(p: ImportProgress): void;
@@ -107,10 +109,11 @@ export async function importArchive(deps: Deps, path: string, ownerInput: string
 
   const progress: ImportProgress = { total: entries.length, processed: 0, imported: 0, threaded: 0, duplicates: 0, failed: 0 };
   const failures: (ImportFailure & { index: number })[] = [];
+  const duplicates: (ImportFailure & { index: number })[] = [];
   const retained = entries.every((e) => e.raw !== null);
   const rawOf = retained ? null : await rereader(archive, entries.length);
 
-  await order.run(Math.max(1, opts.concurrency ?? 4), async (e) => {
+  await order.run(Math.max(1, opts.concurrency ?? 8), async (e) => {
     const raw = e.raw ?? (await rawOf!(e.index));
     e.raw = null;
     const r = await ingestEmail(deps, raw, { mailFrom: '', rcptTo: [owner], remoteIp: '', helo: '' }, { mode: 'import' });
@@ -118,17 +121,20 @@ export async function importArchive(deps: Deps, path: string, ownerInput: string
     if (r.status === 'failed') {
       progress.failed++;
       failures.push({ index: e.index, source: e.source, reason: r.reason ?? 'unknown' });
-    } else if (r.status === 'duplicate') progress.duplicates++;
-    else if (r.created.length > 0) progress.imported++;
+    } else if (r.status === 'duplicate') {
+      progress.duplicates++;
+      duplicates.push({ index: e.index, source: e.source, reason: r.reason ?? 'already imported' });
+    } else if (r.created.length > 0) progress.imported++;
     else progress.threaded++;
     opts.onProgress?.({ ...progress });
   });
-  failures.sort((a, b) => a.index - b.index);
+  const inOrder = (list: (ImportFailure & { index: number })[]) => list.sort((a, b) => a.index - b.index).map(({ source, reason }) => ({ source, reason }));
   return {
     ...progress,
     kind: archive.kind,
     owner,
-    failures: failures.map(({ source, reason }) => ({ source, reason })),
+    failures: inOrder(failures),
+    duplicatesSkipped: inOrder(duplicates),
     seconds: (Date.now() - started) / 1000,
   };
 }

@@ -44,6 +44,31 @@ function smtpError(responseCode: number, message: string): Error & { responseCod
   return Object.assign(new Error(message.replace(/[\r\n]+/g, ' ').slice(0, MAX_REASON)), { responseCode });
 }
 
+/** An enhanced status code (RFC 3463) opens every reply this module writes itself. */
+const OWN_REPLY = /^[45]\d\d [45]\.\d{1,3}\.\d{1,3} /;
+
+/**
+ * The smtp-server logger: silent, except that it logs (warn) the 4xx/5xx replies the
+ * package gives on its own — bad command sequence or syntax, a SIZE over the limit at
+ * MAIL FROM, too many recipients, too many connections (421) — so every refusal is in
+ * the log; the refusals of this module's handlers are logged where they are decided.
+ */
+function protocolRefusalLogger(log: Deps['log']) {
+  const quiet = () => {};
+  return {
+    trace: quiet,
+    info: quiet,
+    warn: quiet,
+    error: quiet,
+    fatal: quiet,
+    debug(entry: { tnx?: string; cid?: string }, message: string, ...args: unknown[]) {
+      const reply = typeof args[0] === 'string' ? args[0] : '';
+      if (entry?.tnx !== 'send' || message !== 'S:' || !/^[45]\d\d/.test(reply) || OWN_REPLY.test(reply)) return;
+      log.warn({ smtp: { session: entry.cid }, reply }, 'smtp: command refused');
+    },
+  };
+}
+
 /**
  * Starts the inbound SMTP server.
  * @returns the bound port and `stop()`, which stops accepting, lets open connections
@@ -67,7 +92,7 @@ export async function startSmtpServer(deps: Deps): Promise<{ port: number; stop(
     maxRecipients: MAX_RECIPIENTS,
     socketTimeout: SOCKET_TIMEOUT_MS,
     closeTimeout: CLOSE_TIMEOUT_MS,
-    logger: false,
+    logger: protocolRefusalLogger(log),
 
     onRcptTo(address, session, callback) {
       checkRecipient(deps, deps.db.kysely, address.address).then(
