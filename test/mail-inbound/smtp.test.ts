@@ -145,6 +145,59 @@ describe('inbound SMTP server', () => {
     assert.match(unknownKey.response, /5\.1\.1.*no conversation/);
   });
 
+  it('keeps attachments and inline parts as files the recipient can download', async () => {
+    const png = Buffer.from('89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c4890000000d4944415478da63f8cfc0f01f0005000201e0f00bbc0000000049454e44ae426082', 'hex');
+    const pdf = Buffer.from('%PDF-1.4\n% a tiny test file\n');
+    const raw = [
+      'From: zed@example.net',
+      'To: alice@alpha.test',
+      'Subject: With files',
+      'Message-ID: <files@example.net>',
+      'MIME-Version: 1.0',
+      'Content-Type: multipart/mixed; boundary="outer"',
+      '',
+      '--outer',
+      'Content-Type: multipart/related; boundary="inner"',
+      '',
+      '--inner',
+      'Content-Type: text/html; charset=utf-8',
+      '',
+      '<p>See <img src="cid:dot@example.net"> and the report.</p>',
+      '--inner',
+      'Content-Type: image/png',
+      'Content-ID: <dot@example.net>',
+      'Content-Disposition: inline; filename="dot.png"',
+      'Content-Transfer-Encoding: base64',
+      '',
+      png.toString('base64'),
+      '--inner--',
+      '--outer',
+      'Content-Type: application/pdf; name="report.pdf"',
+      'Content-Disposition: attachment; filename="report.pdf"',
+      'Content-Transfer-Encoding: base64',
+      '',
+      pdf.toString('base64'),
+      '--outer--',
+      '',
+    ].join('\r\n');
+    const sent = await sendRaw(port, { from: 'zed@example.net', to: ['alice@alpha.test'] }, raw);
+    assert.equal(sent.code, 250, sent.response);
+    const [conv] = await findBySubject(alice, 'With files');
+    const full = await alice.get(`/api/conversations/${conv.key}`);
+    const files = full.body.messages[0].files;
+    assert.deepEqual(
+      files.map((f: any) => [f.name, f.content_type, f.size, f.inline ?? false, f.content_id ?? null]),
+      [
+        ['dot.png', 'image/png', png.length, true, 'dot@example.net'],
+        ['report.pdf', 'application/pdf', pdf.length, false, null],
+      ],
+    );
+    const download = await fetch(`${tp.base}/api/attachments/${files[1].sha256}`, { headers: { authorization: `Bearer ${alice.token}` } });
+    assert.equal(download.status, 200);
+    assert.deepEqual(Buffer.from(await download.arrayBuffer()), pdf);
+    assert.equal((await bob.get(`/api/attachments/${files[1].sha256}`)).status, 404, 'only participants may download');
+  });
+
   it('refuses unknown local users with 550 5.1.1 and other domains with 550 (no open relay)', async () => {
     const unknown = await sendRaw(port, { from: 'zed@example.net', to: ['nobody@alpha.test'] }, message({ from: 'zed@example.net', to: 'nobody@alpha.test', subject: 'x' }, 'x'));
     assert.equal(unknown.code, 550, unknown.response);
