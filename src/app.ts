@@ -11,6 +11,7 @@ import { buildServer } from './http/server.ts';
 import { routeModules } from './http/routes.ts';
 import { startRealtime, type Realtime } from './streams/realtime.ts';
 import { startRoleServices, type RoleServices } from './roles.ts';
+import { ensureSigningKey } from './federation/keys.ts';
 
 export { openDatabase };
 
@@ -53,6 +54,7 @@ export async function startPlatform(
   let httpPort: number | null = null;
   let services: RoleServices | null = null;
   try {
+    await ensureSigningKey(deps); // the platform identity, generated at first start (docs/federation.md)
     if (roles.includes('web')) {
       realtime = await startRealtime(deps);
       http = await buildServer(deps, routeModules(realtime));

@@ -5,6 +5,7 @@ import { registerStart } from './commands/start.ts';
 import { registerUser } from './commands/user.ts';
 import { registerImport } from './commands/import.ts';
 import { registerDeliveries } from './commands/deliveries.ts';
+import { registerFederation } from './commands/federation.ts';
 
 /**
  * The `parley` command line (issue 2): start, migrate, user add|list, import.
@@ -19,6 +20,7 @@ registerStart(program);
 registerUser(program);
 registerImport(program);
 registerDeliveries(program);
+registerFederation(program);
 
 try {
   await program.parseAsync(process.argv);

@@ -7,6 +7,7 @@ import { type Deps, isLocalAddress } from '../context.ts';
 import type { Tx } from '../store/db.ts';
 import { type ConversationRow, loadState, persistState } from './store.ts';
 import { recordEffects } from './effects.ts';
+import { signActions } from '../federation/action-signatures.ts';
 
 /** Copies only the fields an action may carry (unknown fields never reach the log). */
 export function cleanInput(i: ActionInput): ActionInput {
@@ -94,6 +95,7 @@ export async function appendActions(
   }
   const added = out.filter((a) => a.act === 'participant:add').map((a) => a.participant!);
   const userIds = await resolveLocalUsers(tx, deps, added);
+  await signActions(deps, out, tx);
   await persistState(tx, row.id, state, out, userIds);
   await recordEffects(tx, deps, row.id, state, out, wasPublished);
   return { actions: out, state };

@@ -47,6 +47,12 @@ export const ConfigSchema = Type.Object(
     sessionDays: Type.Number({ minimum: 0.01 }),
     /** Trust X-Forwarded-For from a reverse proxy (PARLEY_TRUST_PROXY): only behind one. */
     trustProxy: Type.Boolean(),
+    /**
+     * Static federation routes, mail domain → platform base URL (PARLEY_FEDERATION_ROUTES as
+     * `domain=https://host:port,domain2=…`, or a JSON object in the config file). They win over
+     * DNS and the well-known document (docs/federation.md, "Discovery").
+     */
+    federationRoutes: Type.Record(Type.String({ pattern: '^[a-z0-9.-]+$' }), Type.String({ pattern: '^https?://[^\\s]+$' })),
     /** Log level (PARLEY_LOG_LEVEL). */
     logLevel: Type.Union(['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'].map((l) => Type.Literal(l))),
   },
@@ -76,6 +82,7 @@ export const DEFAULT_CONFIG: Config = {
   dnsOffline: false,
   sessionDays: 30,
   trustProxy: false,
+  federationRoutes: Object.freeze({}) as Record<string, string>,
   logLevel: 'info',
 };
 
@@ -99,13 +106,37 @@ const ENV: Record<string, keyof Config> = {
   PARLEY_DNS_OFFLINE: 'dnsOffline',
   PARLEY_SESSION_DAYS: 'sessionDays',
   PARLEY_TRUST_PROXY: 'trustProxy',
+  PARLEY_FEDERATION_ROUTES: 'federationRoutes',
   PARLEY_LOG_LEVEL: 'logLevel',
 };
 
 /** Thrown when the configuration is invalid; the message names every bad setting. */
 export class ConfigError extends Error {}
 
+/**
+ * Parses PARLEY_FEDERATION_ROUTES: `domain=url` pairs separated by commas, or a JSON object.
+ * Domains are lowercased. A malformed pair is kept as-is so validation names it.
+ */
+export function parseFederationRoutes(raw: string): unknown {
+  const text = raw.trim();
+  if (text.startsWith('{')) {
+    try {
+      return JSON.parse(text);
+    } catch {
+      return text;
+    }
+  }
+  const out: Record<string, string> = {};
+  for (const pair of text.split(',').map((p) => p.trim()).filter(Boolean)) {
+    const eq = pair.indexOf('=');
+    if (eq <= 0) return text;
+    out[pair.slice(0, eq).trim().toLowerCase()] = pair.slice(eq + 1).trim();
+  }
+  return out;
+}
+
 function coerce(key: keyof Config, raw: string): unknown {
+  if (key === 'federationRoutes') return parseFederationRoutes(raw);
   const def = DEFAULT_CONFIG[key];
   if (Array.isArray(def)) return raw.split(',').map((s) => s.trim().toLowerCase()).filter(Boolean);
   if (typeof def === 'number') return raw.trim() === '' ? NaN : Number(raw);

@@ -358,4 +358,24 @@ export interface Database {
   blasts: BlastsTable;
   outbound_messages: OutboundMessagesTable;
   delivery_events: DeliveryEventsTable;
+  platform_keys: PlatformKeysTable;
+  federation_replay: FederationReplayTable;
+}
+
+/** 020: the platform's Ed25519 signing keys (docs/federation.md, "Platform identity"). */
+export interface PlatformKeysTable {
+  key_id: string;
+  /** Raw 32-byte public key, base64url without padding. */
+  public_key: string;
+  /** PKCS#8 PEM; secret. */
+  private_key: string;
+  created_at: Timestamp;
+  not_after: Timestamp;
+  retired_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+}
+
+/** 020: accepted federation request signatures, kept for replay protection until expires_at. */
+export interface FederationReplayTable {
+  id: string;
+  expires_at: Timestamp;
 }

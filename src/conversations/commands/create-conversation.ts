@@ -10,6 +10,7 @@ import { isUniqueViolation, type Tx } from '../../store/db.ts';
 import { checkFiles, cleanInput, resolveLocalUsers } from '../append.ts';
 import { recordEffects } from '../effects.ts';
 import { insertConversation, persistState } from '../store.ts';
+import { signActions } from '../../federation/action-signatures.ts';
 
 /** A new conversation, as the client API and the email bridge describe it. */
 export interface NewConversation {
@@ -88,6 +89,7 @@ export async function insertNewConversation(
     if (isUniqueViolation(e)) throw conflict('key_taken', 'a conversation with the same key exists; retry');
     throw e;
   }
+  await signActions(deps, log, tx);
   await persistState(tx, id, state, log, userIds);
   await recordEffects(tx, deps, id, state, log, false);
   return { id, key: state.header!.key, actions: log, state };

@@ -9,6 +9,7 @@ import { resolveLocalUsers } from '../append.ts';
 import { recordEffects } from '../effects.ts';
 import { loadFullState, lockConversation, persistState } from '../store.ts';
 import type { Actor } from './apply-actions.ts';
+import { signActions } from '../../federation/action-signatures.ts';
 
 /**
  * `publishDraft` — client API `POST /api/conversations/{key}/publish`. Replaces the draft's
@@ -47,6 +48,7 @@ export async function publishDraft(deps: Deps, user: Actor, key: string): Promis
       if (isUniqueViolation(e)) throw conflict('key_taken', 'a conversation with the same key exists; retry');
       throw e;
     }
+    await signActions(deps, log, tx);
     await persistState(tx, row.id, state, log, userIds);
     if (creatorFlags) {
       await tx.updateTable('participants').set(creatorFlags).where('conv_id', '=', row.id).where('address', '=', row.creator).execute();
