@@ -1,7 +1,8 @@
 /**
  * Other platforms' public keys (issue 3 §1): found through discovery, fetched from
  * `<platform url>/.well-known/parley/keys`, checked (the document must name the platform
- * the keyid names; every key well-formed) and cached in memory per process.
+ * the keyid names; every key well-formed) and cached in memory per process. When a refetch
+ * fails temporarily (network, timeout, 5xx), the keys known before stay in use.
  * docs/federation.md, "Key publication and rotation".
  */
 import { type Discovery, DiscoveryUnavailable } from './discovery.ts';
@@ -16,6 +17,8 @@ export const KEYS_REFETCH_MS = 30 * 1000;
 export const KEYS_TIMEOUT_MS = 3000;
 /** Largest keys document read, in bytes. */
 const MAX_KEYS_BYTES = 256 * 1024;
+/** Most platforms whose keys are cached per process; the oldest are evicted first. */
+const MAX_PLATFORMS = 10_000;
 
 /** Options of {@link createRemoteKeyResolver}. */
 export interface RemoteKeyOptions {
@@ -60,12 +63,13 @@ export function createRemoteKeyResolver(opts: RemoteKeyOptions): KeyResolver {
   const timeoutMs = opts.timeoutMs ?? KEYS_TIMEOUT_MS;
   const cache = new Map<string, { at: number; keys: Promise<Map<string, ResolvedKey>> }>();
 
-  async function load(platform: string): Promise<Map<string, ResolvedKey>> {
+  /** The platform's keys; null when they could not be fetched now (the caller keeps what it had). */
+  async function load(platform: string): Promise<Map<string, ResolvedKey> | null> {
     let ref;
     try {
       ref = await opts.discovery.discover(platform);
     } catch (e) {
-      if (e instanceof DiscoveryUnavailable) return new Map();
+      if (e instanceof DiscoveryUnavailable) return null;
       throw e;
     }
     if (!ref) return new Map();
@@ -73,13 +77,13 @@ export function createRemoteKeyResolver(opts: RemoteKeyOptions): KeyResolver {
       const res = await doFetch(`${ref.url}/.well-known/parley/keys`, { headers: { accept: 'application/json' }, signal: AbortSignal.timeout(timeoutMs) });
       if (res.status !== 200) {
         await res.body?.cancel();
-        return new Map();
+        return res.status >= 500 || res.status === 429 ? null : new Map();
       }
       const text = await res.text();
       if (text.length > MAX_KEYS_BYTES) return new Map();
       return parseKeysDocument(platform, JSON.parse(text)) ?? new Map();
     } catch {
-      return new Map();
+      return null; // network error, timeout, or not JSON
     }
   }
 
@@ -87,16 +91,21 @@ export function createRemoteKeyResolver(opts: RemoteKeyOptions): KeyResolver {
     const k = parseKeyId(keyId);
     if (!k) return null;
     const t = now();
-    let entry = cache.get(k.platform);
+    const entry = cache.get(k.platform);
+    let previous: Map<string, ResolvedKey> | undefined;
     if (entry) {
-      const keys = await entry.keys;
-      const hit = keys.get(keyId);
+      previous = await entry.keys;
+      const hit = previous.get(keyId);
       if (hit && t - entry.at < ttl) return hit;
       if (!hit && t - entry.at < refetch) return null;
-      if (cache.get(k.platform) !== entry) return (await cache.get(k.platform)!.keys).get(keyId) ?? null;
+      const newer = cache.get(k.platform);
+      if (newer !== entry) return (await newer!.keys).get(keyId) ?? null;
     }
-    entry = { at: t, keys: load(k.platform) };
-    cache.set(k.platform, entry);
-    return (await entry.keys).get(keyId) ?? null;
+    // A failed fetch keeps the keys known before (stale beats refusing every peer during an outage).
+    const fresh = { at: t, keys: load(k.platform).then((m) => m ?? previous ?? new Map<string, ResolvedKey>()) };
+    cache.delete(k.platform);
+    cache.set(k.platform, fresh);
+    if (cache.size > MAX_PLATFORMS) cache.delete(cache.keys().next().value!);
+    return (await fresh.keys).get(keyId) ?? null;
   };
 }

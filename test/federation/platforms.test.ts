@@ -89,6 +89,9 @@ describe('federation between two platforms: identity, signed requests, signed ac
     assert.deepEqual(wk, { platform: 'alpha.test', url: A.config.baseUrl, keys_url: `${A.config.baseUrl}/.well-known/parley/keys` });
     const viaWeb = createDiscovery({ routes: () => ({}), resolver: null, wellKnownUrl: () => `${A.base}/.well-known/parley/platform` });
     assert.deepEqual(await viaWeb.discover('alpha.test'), { domain: 'alpha.test', url: A.config.baseUrl, via: 'well-known', platform: 'alpha.test' });
+    const openapi = await (await fetch(`${A.base}/api/openapi.json`)).json();
+    for (const [path, method] of [['/federation/v1/ping', 'get'], ['/federation/v1/ping', 'post'], ['/.well-known/parley/keys', 'get'], ['/.well-known/parley/platform', 'get']])
+      assert.deepEqual(openapi.paths[path]?.[method]?.tags, ['federation'], `${method} ${path} in the OpenAPI document`);
     // A domain with no platform (offline: static routes only) is a plain email domain.
     assert.equal(await federationRequest(A.platform.deps, 'nowhere.test', '/federation/v1/ping'), null);
   });
