@@ -9,6 +9,7 @@ import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
+import { importArchive } from '../../src/mail/inbound/import-archive.ts';
 import { type ApiClient, type TestPlatform, startTestPlatform } from '../support/platform.ts';
 
 const run = promisify(execFile);
@@ -124,6 +125,18 @@ describe('parley import', () => {
     assert.equal(conv.body.creator, 'aeriksson@fastmail.fm');
     const again = await importJson(tp, join(FIXTURES, 'exmh-thread.mbox'), 'owner@alpha.test');
     assert.deepEqual([again.imported, again.threaded, again.duplicates, again.failed], [0, 0, 4, 0]);
+  });
+
+  it('reads an archive twice when it is too large to keep in memory, with the same result', async () => {
+    await tp.user('owner2@alpha.test');
+    const progress: number[] = [];
+    const s = await importArchive(tp.platform.deps, join(FIXTURES, 'folder'), 'owner2@alpha.test', {
+      retainBytes: 1000,
+      concurrency: 2,
+      onProgress: (p) => progress.push(p.processed),
+    });
+    assert.deepEqual([s.total, s.imported, s.threaded, s.duplicates, s.failed], [6, 3, 3, 0, 0]);
+    assert.deepEqual(progress, [1, 2, 3, 4, 5, 6]);
   });
 
   it('refuses an owner that is not a user, and a path that is not an archive, with exit status 2', async () => {

@@ -71,6 +71,8 @@ export interface ImportOptions {
   onProgress?(p: ImportProgress): void;
   /** Called once the archive is opened and counted. */
   onStart?(total: number, kind: ArchiveKind): void;
+  /** Largest archive kept in memory between the passes, in bytes (default {@link RETAIN_BYTES}). */
+  retainBytes?: number;
 }
 
 /** What the first pass keeps of a message. */
@@ -104,7 +106,7 @@ export async function importArchive(deps: Deps, path: string, ownerInput: string
 
   const archive = await openArchive(path);
   opts.onStart?.(archive.count, archive.kind);
-  const entries = await scan(archive);
+  const entries = await scan(archive, opts.retainBytes ?? RETAIN_BYTES);
   const order = schedule(entries);
 
   const progress: ImportProgress = { total: entries.length, processed: 0, imported: 0, threaded: 0, duplicates: 0, failed: 0 };
@@ -140,14 +142,14 @@ export async function importArchive(deps: Deps, path: string, ownerInput: string
 }
 
 /** Pass 1: the header fields that order the import, and the bytes while they fit in memory. */
-async function scan(archive: Archive): Promise<Entry[]> {
+async function scan(archive: Archive, retainBytes: number): Promise<Entry[]> {
   const entries: Entry[] = [];
   let kept = 0;
   let retain = true;
   for await (const m of archive.messages()) {
     const h = scanHeaders(m.raw);
     kept += m.raw.length;
-    if (retain && kept > RETAIN_BYTES) {
+    if (retain && kept > retainBytes) {
       retain = false;
       for (const e of entries) e.raw = null;
     }

@@ -128,10 +128,13 @@ export async function startSmtpServer(deps: Deps): Promise<{ port: number; stop(
         const job = ingestEmail(deps, raw, { mailFrom, rcptTo, remoteIp: session.remoteAddress ?? '', helo: session.hostNameAppearsAs || '' })
           .then((r) => {
             if (r.status === 'failed') {
+              // A refusal says why; an internal error's details stay in the log and the database.
               const code = r.permanent ? 554 : 451;
-              const reason = `${r.permanent ? '5.6.0' : '4.3.0'} ${r.permanent ? 'Message refused' : 'Temporary local problem'}: ${r.reason} (kept as inbound message ${r.inboundId})`;
+              const reply = r.permanent
+                ? `5.6.0 Message refused: ${r.reason} (kept as inbound message ${r.inboundId})`
+                : `4.3.0 Temporary local problem processing the message; try again later (inbound message ${r.inboundId})`;
               log.warn({ smtp: client(session), mailFrom, rcptTo, inbound: r.inboundId, code, reason: r.reason }, 'smtp: message refused');
-              return callback(smtpError(code, reason));
+              return callback(smtpError(code, reply));
             }
             log.info(
               { smtp: client(session), mailFrom, rcptTo, inbound: r.inboundId, status: r.status, created: r.created, threaded: r.threaded },
