@@ -15,6 +15,7 @@
 import { sign, verify } from 'node:crypto';
 import { type Action, hashAction } from '../core/actions.ts';
 import { applyAction, emptyState, type ConversationState } from '../core/reducer.ts';
+import { conversationKey } from '../core/keys.ts';
 import { AppError } from '../platform/errors.ts';
 import type { Deps } from '../context.ts';
 import type { Queryable } from '../store/db.ts';
@@ -134,7 +135,8 @@ function cloneState(s: ConversationState): ConversationState {
 
 /**
  * Verifies a received log (or a continuation of a verified one) before anything is stored:
- * for each action in order, its hash is recomputed, its id and `prev` continue the chain,
+ * for each action in order, its hash is recomputed, its `conv` is the conversation's (for
+ * action 1: the key derived from creator, time and subject), its id and `prev` continue the chain,
  * its signature verifies with a key valid at its `ts`, its signer may originate it (when
  * `origin` is given), and the core reducer accepts it (follows, locks, permissions,
  * limits). The first failure rejects the whole log: the answer names that action's id
@@ -165,6 +167,9 @@ export async function verifyLog(actions: Action[], resolveKey: KeyResolver, opts
     }
     if (h !== a.hash) return fail('hash_mismatch', `action ${a.id}: hash does not match its content`);
     if (a.conv !== conv) return fail('wrong_conversation', `action ${a.id} names conversation ${a.conv}, not ${conv}`);
+    // The key of a published conversation derives from its first action (core/keys.ts).
+    if (a.id === 1 && a.conv !== conversationKey(a.actor, a.ts, a.body ?? ''))
+      return fail('wrong_conversation', `the key ${a.conv} is not derived from action 1 (creator, time, subject)`);
     if (a.id !== lastId + 1) return fail('sequence_mismatch', `action ${a.id} does not follow ${lastId}`);
     if (a.prev !== lastHash) return fail('prev_mismatch', `action ${a.id}: prev is not the hash of action ${lastId}`);
     const sig = await verifyActionSignature(a, memoResolve);

@@ -197,6 +197,18 @@ describe('federation between two platforms: identity, signed requests, signed ac
     delete unsigned[0].sig;
     assert.deepEqual(pick(await verifyLog(unsigned, resolve)), { ok: false, id: 1, reason: 'missing_signature' });
 
+    // A genuine signature does not make a log of another conversation key.
+    const aKey0 = await activeSigningKey(A.platform.deps);
+    const rekeyed = copy().map((a) => ({ ...a, conv: 'ffffffffffffffffffffffffffffffff' }));
+    let prevHash: string | null = null;
+    for (const a of rekeyed) {
+      a.prev = prevHash;
+      a.hash = hashAction(a);
+      a.sig = signActionHash(a.hash, aKey0);
+      prevHash = a.hash;
+    }
+    assert.deepEqual(pick(await verifyLog(rekeyed, resolve)), { ok: false, id: 1, reason: 'wrong_conversation' });
+
     // beta.test, with a genuine key of its own, signs an action of alpha.test's user:
     // the signature verifies, but beta.test may not speak for carol@alpha.test.
     const bKey = await activeSigningKey(B.platform.deps);
