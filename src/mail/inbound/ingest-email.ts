@@ -53,7 +53,7 @@ export interface IngestOptions {
    * history: nobody is mailed because of it).
    */
   mode?: 'smtp' | 'import';
-  /** DNS resolver for authentication; default: `offlineResolver` when config.dnsOffline, else a shared `createResolver`. */
+  /** DNS resolver for authentication; default: `offlineResolver` when config.dnsOffline, else a shared `createResolver` (config.dnsTimeoutMs). */
   resolver?: MailResolver;
 }
 
@@ -86,6 +86,7 @@ const MAX_ATTEMPTS = 8;
 const MAX_FILE_NAME = 255;
 
 let sharedResolver: MailResolver | null = null;
+/** The platform's resolver: `offlineResolver` when config.dnsOffline, else one per process with the configured timeout and a small cache. */
 function resolverFor(deps: Deps): MailResolver {
   if (deps.config.dnsOffline) return offlineResolver;
   sharedResolver ??= createResolver({ timeoutMs: deps.config.dnsTimeoutMs });
