@@ -29,6 +29,7 @@ import type { Tx } from '../../store/db.ts';
 import { isUniqueViolation } from '../../store/db.ts';
 import { authenticateEmail, type EmailAuthentication } from '../authenticate.ts';
 import { createResolver, type MailResolver, offlineResolver } from '../dns.ts';
+import { normalizeAddress } from '../address.ts';
 import { type ParsedEmail, parseEmail } from '../parse.ts';
 import { replyKeyOf } from './recipients.ts';
 
@@ -298,9 +299,13 @@ const uniq = (xs: string[]): string[] => [...new Set(xs)];
 
 /** The sender: From, else Sender, else the envelope MAIL FROM. */
 function senderOf(deps: Deps, parsed: ParsedEmail, envelope: Envelope): string {
-  const candidates = [parsed.from?.address, parsed.sender?.address, envelope.mailFrom.toLowerCase()].filter(
-    (a): a is string => !!a && replyKeyOf(deps, a) === null,
-  );
+  let mailFrom: string | undefined;
+  try {
+    mailFrom = envelope.mailFrom ? normalizeAddress(envelope.mailFrom) : undefined;
+  } catch {
+    mailFrom = undefined;
+  }
+  const candidates = [parsed.from?.address, parsed.sender?.address, mailFrom].filter((a): a is string => !!a && replyKeyOf(deps, a) === null);
   if (candidates.length === 0) throw new Unprocessable('the message has no sender: no From, no Sender and a null MAIL FROM');
   return candidates[0];
 }
@@ -310,8 +315,8 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
   const { parsed, envelope } = c;
   const mid = parsed.messageId === null ? null : storableText(parsed.messageId);
   // One ingest at a time per Message-ID (or per raw message without one): a message
-  // delivered twice at once is recorded once.
-  // The same statement finds which envelope recipients are users.
+  // delivered twice at once is recorded once. The same statement finds which envelope
+  // recipients are users.
   const rcpts = uniq(envelope.rcptTo.map((a) => a.trim().toLowerCase()));
   const replyKeys = uniq(rcpts.map((a) => replyKeyOf(deps, a)).filter((k): k is string => k !== null));
   const userAddresses = rcpts.filter((a) => replyKeyOf(deps, a) === null && isLocalAddress(deps, a));

@@ -124,7 +124,13 @@ export async function startSmtpServer(deps: Deps): Promise<{ port: number; stop(
           log.warn({ smtp: client(session), mailFrom, rcptTo, bytes, reason }, 'smtp: message refused');
           return callback(smtpError(552, reason));
         }
-        const raw = Buffer.concat(chunks, bytes);
+        let raw: Buffer;
+        try {
+          raw = Buffer.concat(chunks, bytes);
+        } catch (e) {
+          log.error({ err: e, smtp: client(session) }, 'smtp: message could not be read');
+          return callback(smtpError(451, '4.3.0 Temporary local problem reading the message; try again later'));
+        }
         const job = ingestEmail(deps, raw, { mailFrom, rcptTo, remoteIp: session.remoteAddress ?? '', helo: session.hostNameAppearsAs || '' })
           .then((r) => {
             if (r.status === 'failed') {
