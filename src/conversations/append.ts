@@ -5,7 +5,7 @@ import { isoTime } from '../platform/clock.ts';
 import { badRequest } from '../platform/errors.ts';
 import { type Deps, isLocalAddress } from '../context.ts';
 import type { Tx } from '../store/db.ts';
-import { type ConversationRow, loadState, persistState } from './store.ts';
+import { type ConversationRow, loadedParticipantRows, loadState, persistState } from './store.ts';
 import { recordEffects } from './effects.ts';
 import { signActions } from '../federation/action-signatures.ts';
 
@@ -97,6 +97,9 @@ export async function appendActions(
   const userIds = await resolveLocalUsers(tx, deps, added);
   await signActions(deps, out, tx);
   await persistState(tx, row.id, state, out, userIds);
-  await recordEffects(tx, deps, row.id, state, out, wasPublished);
+  await recordEffects(tx, deps, row.id, state, out, wasPublished, {
+    rows: loadedParticipantRows.get(state) ?? new Map(),
+    newUserIds: userIds,
+  });
   return { actions: out, state };
 }

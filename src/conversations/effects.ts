@@ -15,6 +15,15 @@ interface LocalParticipant extends UserFlags {
 }
 
 /**
+ * The participants' rows as loaded before the actions (with user ids and flags) and the user
+ * ids of participants the actions added: lets the write path skip re-reading participants.
+ */
+export interface KnownParticipants {
+  rows: Map<string, { user_id: number | null } & UserFlags>;
+  newUserIds: Map<string, number>;
+}
+
+/**
  * Who of the local participants may see action `a`: a participant sees the actions from
  * the one that added them up to the one that removed them (PRODUCT.md §1: removed
  * participants keep read access up to the removal and get nothing after). A draft is
@@ -30,6 +39,7 @@ export function seesAction(p: { address: string; added_id: number; removed_id: n
  * "Writes", step 2): local participants' flags, their stream events (and so the websocket
  * frames after commit), and the outbound emails for email participants.
  * @param wasPublished whether the conversation was published before these actions
+ * @param known participants as loaded by the write path (else they are read here)
  */
 export async function recordEffects(
   tx: Tx,
@@ -38,17 +48,27 @@ export async function recordEffects(
   s: ConversationState,
   actions: Action[],
   wasPublished: boolean,
+  known?: KnownParticipants,
 ): Promise<void> {
   const h = s.header!;
-  const locals = (await tx
-    .selectFrom('participants')
-    .select(['address', 'user_id', 'added_id', 'removed_id', 'inbox', 'deleted', 'spam', 'seen', 'muted'])
-    .where('conv_id', '=', convId)
-    .where('user_id', 'is not', null)
-    .execute()) as LocalParticipant[];
+  const locals: LocalParticipant[] = known
+    ? [...s.participants.values()].flatMap((p) => {
+        const row = known.rows.get(p.address);
+        const userId = row?.user_id ?? known.newUserIds.get(p.address);
+        if (userId == null) return [];
+        const flags = row ?? { inbox: false, deleted: false, spam: false, seen: true, muted: false };
+        return [{ address: p.address, user_id: userId, added_id: p.added_id, removed_id: p.removed_id, inbox: flags.inbox, deleted: flags.deleted, spam: flags.spam, seen: flags.seen, muted: flags.muted }];
+      })
+    : ((await tx
+        .selectFrom('participants')
+        .select(['address', 'user_id', 'added_id', 'removed_id', 'inbox', 'deleted', 'spam', 'seen', 'muted'])
+        .where('conv_id', '=', convId)
+        .where('user_id', 'is not', null)
+        .execute()) as LocalParticipant[]);
 
   const events: NewEvent[] = [];
-  const changed = new Map<number, LocalParticipant>();
+  /** Per participant who saw an action: the flag values the actions set (null: unchanged). */
+  const changed = new Map<string, { inbox: boolean | null; seen: boolean | null }>();
   let published = wasPublished;
   for (const a of actions) {
     if (a.act === 'conv:publish') published = true;
@@ -56,15 +76,21 @@ export async function recordEffects(
       if (!seesAction(p, a, published, h.creator)) continue;
       events.push({ userId: p.user_id, convId, kind: 'action', actionId: a.id });
       const next = flagsAfterAction(p, a, p.address, published);
-      if (next !== p) Object.assign(p, next);
-      changed.set(p.user_id, p);
+      const delta = changed.get(p.address) ?? { inbox: null, seen: null };
+      if (next.inbox !== p.inbox) delta.inbox = next.inbox;
+      if (next.seen !== p.seen) delta.seen = next.seen;
+      Object.assign(p, next);
+      changed.set(p.address, delta);
     }
   }
   if (changed.size > 0) {
-    const rows = [...changed.values()];
+    // Only the flags these actions changed are written (coalesce keeps the rest), so a
+    // concurrent archive or mute by the user is never overwritten with a stale value.
+    const addresses = [...changed.keys()];
+    const deltas = [...changed.values()];
     await sql`
-      update participants p set inbox = v.inbox, seen = v.seen, last_event_ts = ${h.last_ts}
-        from (select * from unnest(${rows.map((r) => r.address)}::text[], ${rows.map((r) => r.inbox)}::bool[], ${rows.map((r) => r.seen)}::bool[])
+      update participants p set inbox = coalesce(v.inbox, p.inbox), seen = coalesce(v.seen, p.seen), last_event_ts = ${h.last_ts}
+        from (select * from unnest(${addresses}::text[], ${deltas.map((d) => d.inbox)}::bool[], ${deltas.map((d) => d.seen)}::bool[])
               as t(address, inbox, seen)) v
        where p.conv_id = ${convId} and p.address = v.address`.execute(tx);
   }

@@ -1,4 +1,5 @@
 import { applyFlagOp, type FlagOp, type UserFlags } from '../core/folders.ts';
+import { transaction } from '../store/db.ts';
 import type { Deps } from '../context.ts';
 import { appendEvents } from '../streams/store.ts';
 import type { Actor } from './commands/apply-actions.ts';
@@ -12,7 +13,7 @@ import { visibleConversation } from './queries.ts';
  * @throws AppError 404 when the user cannot see the conversation
  */
 export async function changeFlags(deps: Deps, user: Actor, key: string, ops: FlagOp[]): Promise<UserFlags> {
-  return deps.db.kysely.transaction().execute(async (tx) => {
+  return transaction(deps.db, async (tx) => {
     const { row } = await visibleConversation(tx, user, key);
     const p = await tx
       .selectFrom('participants')

@@ -1,7 +1,7 @@
 import { sql } from 'kysely';
 import { badRequest, conflict, notFound } from '../platform/errors.ts';
 import type { Deps } from '../context.ts';
-import { isUniqueViolation, type Tx } from '../store/db.ts';
+import { isUniqueViolation, type Tx, transaction } from '../store/db.ts';
 import { appendEvents } from '../streams/store.ts';
 import type { Actor } from './commands/apply-actions.ts';
 import { visibleConversation } from './queries.ts';
@@ -91,7 +91,7 @@ async function ownLabels(tx: Tx, user: Actor, ids: number[]): Promise<void> {
  * @throws AppError 404 unknown conversation or label
  */
 export async function setConversationLabels(deps: Deps, user: Actor, key: string, add: number[], remove: number[]): Promise<number[]> {
-  return deps.db.kysely.transaction().execute(async (tx) => {
+  return transaction(deps.db, async (tx) => {
     const { row } = await visibleConversation(tx, user, key);
     await ownLabels(tx, user, [...add, ...remove]);
     if (add.length)

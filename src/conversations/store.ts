@@ -9,7 +9,7 @@ import {
   emptyState,
 } from '../core/reducer.ts';
 import type { Queryable, Tx } from '../store/db.ts';
-import type { ConversationsTable } from '../store/schema.ts';
+import type { ConversationsTable, ParticipantsTable } from '../store/schema.ts';
 import type { Selectable } from 'kysely';
 
 /**
@@ -80,6 +80,9 @@ function messageFromRow(r: any): MessageState {
   };
 }
 
+/** The participant rows (user ids, flags) behind a state loaded by {@link loadState}. */
+export const loadedParticipantRows = new WeakMap<ConversationState, Map<string, Selectable<ParticipantsTable>>>();
+
 /**
  * Loads the state the reducer needs for a batch: header, every participant, the messages
  * named as parents, and the messages whose chains contain the `follows` ids.
@@ -92,6 +95,7 @@ export async function loadState(
   const s = emptyState();
   s.header = headerOf(row);
   const parts = await db.selectFrom('participants').selectAll().where('conv_id', '=', row.id).execute();
+  loadedParticipantRows.set(s, new Map(parts.map((p) => [p.address, p])));
   for (const p of parts) {
     s.participants.set(p.address, {
       address: p.address,

@@ -1,5 +1,5 @@
-import { sql, type Updateable } from 'kysely';
-import type { Tx } from '../store/db.ts';
+import type { Updateable } from 'kysely';
+import { notifyAfterCommit, type Tx } from '../store/db.ts';
 import type { DeliveriesTable } from '../store/schema.ts';
 import type { Delivery, PluginCapabilities } from './plugin.ts';
 
@@ -101,7 +101,7 @@ export async function recordFallback(tx: Tx, d: Delivery, to: ChainStep | null, 
 
 /** Notifies workers that deliveries are due (LISTEN parley_deliveries); delivered at commit. */
 export async function wakeWorkers(tx: Tx): Promise<void> {
-  await sql`select pg_notify('parley_deliveries', '')`.execute(tx);
+  await notifyAfterCommit(tx, 'parley_deliveries', '');
 }
 
 /**

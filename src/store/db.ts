@@ -1,5 +1,5 @@
 import pg from 'pg';
-import { Kysely, PostgresDialect, type Transaction } from 'kysely';
+import { Kysely, PostgresDialect, sql, type Transaction } from 'kysely';
 import type { Database } from './schema.ts';
 
 // int8 (bigserial ids, count(*)) as JS numbers: every id and count here stays below 2^53.
@@ -31,6 +31,49 @@ export function openDb(url: string, max = 10): Db {
       await kysely.destroy();
     },
   };
+}
+
+/** Notifications a transaction opened with {@link transaction} sends once it has committed. */
+const pendingNotices = new WeakMap<object, { channel: string; payload: string }[]>();
+
+/**
+ * Runs `fn` in a transaction and, once it has committed, sends the notifications it asked
+ * for with {@link notifyAfterCommit}. PostgreSQL serialises the commits of transactions that
+ * executed NOTIFY behind one global lock held across the WAL flush, which capped the write
+ * path at one commit per disk flush; notifying just after the commit keeps commits
+ * concurrent. A notification lost to a crash between the two costs latency only: listeners
+ * also poll (src/streams/realtime.ts, src/delivery/worker.ts).
+ */
+export async function transaction<T>(db: Db, fn: (tx: Tx) => Promise<T>): Promise<T> {
+  const notices: { channel: string; payload: string }[] = [];
+  const result = await db.kysely.transaction().execute(async (tx) => {
+    pendingNotices.set(tx, notices);
+    return fn(tx);
+  });
+  if (notices.length > 0) {
+    db.pool
+      .query('select pg_notify(c, p) from unnest($1::text[], $2::text[]) as t(c, p)', [
+        notices.map((n) => n.channel),
+        notices.map((n) => n.payload),
+      ])
+      .catch(() => {
+        /* listeners poll as well */
+      });
+  }
+  return result;
+}
+
+/**
+ * NOTIFY `channel` with `payload` when `tx` commits: after the commit for transactions
+ * opened with {@link transaction}, inside the transaction (delivered at commit) otherwise.
+ */
+export async function notifyAfterCommit(tx: Queryable, channel: string, payload: string): Promise<void> {
+  const pending = pendingNotices.get(tx);
+  if (pending) {
+    if (!pending.some((n) => n.channel === channel && n.payload === payload)) pending.push({ channel, payload });
+    return;
+  }
+  await sql`select pg_notify(${channel}, ${payload})`.execute(tx);
 }
 
 /** True when `e` is a PostgreSQL unique violation (SQLSTATE 23505), optionally on `constraint`. */

@@ -7,7 +7,9 @@ import { EVENTS_CHANNEL } from './store.ts';
  * `parley_events` (ARCHITECTURE.md: "realtime events cross processes through LISTEN/NOTIFY").
  * Subscribers are told a user's stream grew; they read the stream from their cursor, so a
  * lost notification costs latency, never an event. After a reconnect every subscriber is
- * woken, to re-read what it may have missed.
+ * woken, to re-read what it may have missed; and every {@link SAFETY_POLL_MS} the stream
+ * heads of subscribed users are read, waking those whose stream grew without a
+ * notification (one sent after commit by a process that died right then).
  */
 export interface Realtime {
   /** Calls `listener` whenever `userId`'s stream may have grown. Returns the unsubscribe function. */
@@ -15,8 +17,13 @@ export interface Realtime {
   stop(): Promise<void>;
 }
 
+/** How often the stream heads of subscribed users are polled as a safety net, ms. */
+export const SAFETY_POLL_MS = 1000;
+
 export async function startRealtime(deps: Deps): Promise<Realtime> {
   const listeners = new Map<number, Set<() => void>>();
+  /** Highest stream position known per subscribed user (from notifications or polling). */
+  const known = new Map<number, number>();
   let client: pg.Client | null = null;
   let stopped = false;
   let retryMs = 100;
@@ -30,7 +37,11 @@ export async function startRealtime(deps: Deps): Promise<Realtime> {
       if (msg.channel !== EVENTS_CHANNEL || !msg.payload) return;
       try {
         const { u } = JSON.parse(msg.payload) as { u: [number, number][] };
-        for (const [userId] of u) for (const l of listeners.get(userId) ?? []) l();
+        for (const [userId, seq] of u) {
+          if (!listeners.has(userId)) continue;
+          if (seq > (known.get(userId) ?? 0)) known.set(userId, seq);
+          for (const l of listeners.get(userId) ?? []) l();
+        }
       } catch (e) {
         deps.log.warn({ err: e }, 'malformed realtime notification');
       }
@@ -57,6 +68,25 @@ export async function startRealtime(deps: Deps): Promise<Realtime> {
       });
   };
   await connect();
+  let polling = false;
+  const safetyPoll = setInterval(() => {
+    if (polling || listeners.size === 0) return;
+    polling = true;
+    deps.db.pool
+      .query('select id, stream_seq from users where id = any($1::bigint[])', [[...listeners.keys()]])
+      .then((r) => {
+        for (const row of r.rows as { id: number; stream_seq: number }[]) {
+          const before = known.get(row.id);
+          known.set(row.id, row.stream_seq);
+          if (before !== undefined && row.stream_seq > before) for (const l of listeners.get(row.id) ?? []) l();
+        }
+      })
+      .catch(() => {})
+      .finally(() => {
+        polling = false;
+      });
+  }, SAFETY_POLL_MS);
+  safetyPoll.unref();
   return {
     subscribe(userId, listener) {
       let set = listeners.get(userId);
@@ -64,11 +94,15 @@ export async function startRealtime(deps: Deps): Promise<Realtime> {
       set.add(listener);
       return () => {
         set!.delete(listener);
-        if (set!.size === 0) listeners.delete(userId);
+        if (set!.size === 0) {
+          listeners.delete(userId);
+          known.delete(userId);
+        }
       };
     },
     async stop() {
       stopped = true;
+      clearInterval(safetyPoll);
       await client?.end().catch(() => {});
     },
   };

@@ -1,5 +1,5 @@
 import { sql } from 'kysely';
-import type { Tx, Queryable } from '../store/db.ts';
+import { notifyAfterCommit, type Tx, type Queryable } from '../store/db.ts';
 
 /**
  * Per-user event streams (PRODUCT.md §5; the device-sync seed 003): every event that
@@ -66,12 +66,12 @@ export async function appendEvents(tx: Tx, events: NewEvent[]): Promise<Map<numb
 
 /**
  * NOTIFY parley_events with `{"u":[[userId, lastSeq], …]}` (chunked under PostgreSQL's
- * 8000-byte payload limit). Delivered only if the transaction commits.
+ * 8000-byte payload limit), once the transaction has committed (store/db.ts notifyAfterCommit).
  */
 export async function notifyUsers(db: Queryable, last: Map<number, number>): Promise<void> {
   const pairs = [...last.entries()];
   for (let i = 0; i < pairs.length; i += 300) {
     const payload = JSON.stringify({ u: pairs.slice(i, i + 300) });
-    await sql`select pg_notify(${EVENTS_CHANNEL}, ${payload})`.execute(db);
+    await notifyAfterCommit(db, EVENTS_CHANNEL, payload);
   }
 }

@@ -1,10 +1,11 @@
+import { sql } from 'kysely';
 import type { Action, ActionInput } from '../../core/actions.ts';
 import { LIMITS } from '../../core/actions.ts';
 import { badRequest, forbidden, notFound } from '../../platform/errors.ts';
 import type { Deps } from '../../context.ts';
-import type { Tx } from '../../store/db.ts';
+import { transaction, type Tx } from '../../store/db.ts';
 import { appendActions } from '../append.ts';
-import { type ConversationRow, lockConversation } from '../store.ts';
+import type { ConversationRow } from '../store.ts';
 
 /** The acting user as the commands see them. */
 export interface Actor {
@@ -13,21 +14,25 @@ export interface Actor {
 }
 
 /**
- * Authorises `user` to act on a locked conversation: 404 when they cannot see it at all
- * (never a participant, or someone else's draft), 403 `removed` after their removal.
+ * Locks the conversation `key` for this transaction and authorises `user` to act on it, in
+ * one round trip: 404 when they cannot see it at all (never a participant, or someone
+ * else's draft), 403 `removed` after their removal.
  */
-export async function authoriseActor(tx: Tx, row: ConversationRow, user: Actor): Promise<void> {
-  const p = await tx
-    .selectFrom('participants')
-    .select(['removed_id', 'user_id'])
-    .where('conv_id', '=', row.id)
-    .where('address', '=', user.address)
-    .executeTakeFirst();
-  if (!p || p.user_id !== user.id || (!row.published && row.creator !== user.address)) throw notFound('conversation');
-  if (p.removed_id !== null)
-    throw forbidden('removed', `you were removed from this conversation at action ${p.removed_id}`, {
-      removed_id: p.removed_id,
+export async function lockForActor(tx: Tx, key: string, user: Actor): Promise<ConversationRow> {
+  const r = await sql<ConversationRow & { p_user_id: number | null; p_removed_id: number | null; p_found: boolean }>`
+    select c.*, p.user_id as p_user_id, p.removed_id as p_removed_id, p.address is not null as p_found
+      from conversations c
+      left join participants p on p.conv_id = c.id and p.address = ${user.address}
+     where c.key = ${key} or c.draft_key = ${key}
+       for update of c`.execute(tx);
+  const row = r.rows[0];
+  if (!row || !row.p_found || row.p_user_id !== user.id || (!row.published && row.creator !== user.address)) throw notFound('conversation');
+  if (row.p_removed_id !== null)
+    throw forbidden('removed', `you were removed from this conversation at action ${row.p_removed_id}`, {
+      removed_id: row.p_removed_id,
     });
+  const { p_user_id: _u, p_removed_id: _r, p_found: _f, ...conv } = row;
+  return conv as ConversationRow;
 }
 
 /**
@@ -44,10 +49,8 @@ export async function applyActions(deps: Deps, user: Actor, key: string, inputs:
     if (i.act === 'conv:publish') throw badRequest('invalid_action', 'publish with POST /api/conversations/{key}/publish');
     if (i.source !== undefined) throw badRequest('invalid_action', 'source is set by the platform');
   }
-  return deps.db.kysely.transaction().execute(async (tx) => {
-    const row = await lockConversation(tx, key);
-    if (!row) throw notFound('conversation');
-    await authoriseActor(tx, row, user);
+  return transaction(deps.db, async (tx) => {
+    const row = await lockForActor(tx, key, user);
     const { actions } = await appendActions(tx, deps, row, user.address, inputs);
     return actions;
   });

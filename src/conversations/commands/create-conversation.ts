@@ -6,7 +6,7 @@ import { applyAction, emptyState, type ConversationState } from '../../core/redu
 import { isoTime } from '../../platform/clock.ts';
 import { badRequest, conflict } from '../../platform/errors.ts';
 import { type Deps, primaryDomain } from '../../context.ts';
-import { isUniqueViolation, type Tx } from '../../store/db.ts';
+import { isUniqueViolation, type Tx, transaction } from '../../store/db.ts';
 import { checkFiles, cleanInput, resolveLocalUsers } from '../append.ts';
 import { recordEffects } from '../effects.ts';
 import { insertConversation, persistState } from '../store.ts';
@@ -110,7 +110,7 @@ export async function createConversation(
 ): Promise<{ key: string; actions: Action[] }> {
   if (c.subject.length > LIMITS.subjectChars) throw badRequest('body_too_long', `subject is longer than ${LIMITS.subjectChars} characters`);
   if (c.messages.length > LIMITS.batch) throw badRequest('batch_too_large', `at most ${LIMITS.batch} messages`);
-  return deps.db.kysely.transaction().execute(async (tx) => {
+  return transaction(deps.db, async (tx) => {
     const r = await insertNewConversation(tx, deps, c);
     return { key: r.key, actions: r.actions };
   });

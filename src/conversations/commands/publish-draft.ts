@@ -4,7 +4,7 @@ import { applyAction, emptyState } from '../../core/reducer.ts';
 import { isoTime } from '../../platform/clock.ts';
 import { conflict, notFound } from '../../platform/errors.ts';
 import type { Deps } from '../../context.ts';
-import { isUniqueViolation } from '../../store/db.ts';
+import { isUniqueViolation, transaction } from '../../store/db.ts';
 import { resolveLocalUsers } from '../append.ts';
 import { recordEffects } from '../effects.ts';
 import { loadFullState, lockConversation, persistState } from '../store.ts';
@@ -19,7 +19,7 @@ import { signActions } from '../../federation/action-signatures.ts';
  * @throws AppError 404 (not the creator's draft), 409 already published
  */
 export async function publishDraft(deps: Deps, user: Actor, key: string): Promise<{ key: string; actions: Action[] }> {
-  return deps.db.kysely.transaction().execute(async (tx) => {
+  return transaction(deps.db, async (tx) => {
     const row = await lockConversation(tx, key);
     if (!row || row.creator !== user.address) throw notFound('conversation');
     if (row.published) throw conflict('already_published', 'the conversation is already published', { key: row.key });

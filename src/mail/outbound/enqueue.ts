@@ -1,8 +1,7 @@
-import { sql } from 'kysely';
 import type { Action, ActionType } from '../../core/actions.ts';
 import type { ConversationState } from '../../core/reducer.ts';
 import { type Deps, isLocalAddress, primaryDomain } from '../../context.ts';
-import type { Tx } from '../../store/db.ts';
+import { notifyAfterCommit, type Tx } from '../../store/db.ts';
 import { routeOrganisationActions } from '../../organisations/replies.ts';
 
 /** The realtime channel that wakes delivery workers (payload unused). */
@@ -50,6 +49,7 @@ export async function enqueueEmails(
 ): Promise<void> {
   const h = s.header!;
   let emailParticipants = [...s.participants.values()].filter((p) => !isLocalAddress(deps, p.address));
+  if (emailParticipants.length === 0) return; // nobody on email (an organisation's contact always is)
   // Organisation conversations (issue 4 §5, docs/organisations.md): the contact is reached
   // through the organisation's servicechain, not by this automatic email — members' replies
   // are enqueued there instead; other email participants are emailed as usual.
@@ -104,5 +104,5 @@ export async function enqueueEmails(
   if (rows.length === 0) return;
   await tx.insertInto('deliveries').values(rows).onConflict((oc) => oc.column('idempotency_key').doNothing()).execute();
   await tx.insertInto('email_messages').values(messageIds).onConflict((oc) => oc.doNothing()).execute();
-  await sql`select pg_notify(${DELIVERIES_CHANNEL}, '')`.execute(tx);
+  await notifyAfterCommit(tx, DELIVERIES_CHANNEL, '');
 }
