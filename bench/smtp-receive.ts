@@ -1,0 +1,138 @@
+/**
+ * Benchmark: inbound SMTP — a direct SMTP client (nodemailer, pooled, 4 connections) sends
+ * raw easy_ham messages to a platform's smtp role for one local user (docs/benchmarks.md).
+ */
+import { readFileSync, readdirSync } from 'node:fs';
+import { join } from 'node:path';
+import nodemailer from 'nodemailer';
+import pg from 'pg';
+import {
+  BENCH_DOMAIN,
+  EASY_HAM,
+  createUsers,
+  percentile,
+  processCpuMs,
+  progress,
+  round,
+  startPlatformProcess,
+  tempDataDir,
+  type BenchDatabase,
+} from './support.ts';
+
+/** Figures of the SMTP benchmark (keys of bench/results/latest.json). */
+export interface SmtpFigures {
+  /** Messages answered 250 per second, over the measured batch (first send to last 250). */
+  smtp_receive_msgs_per_s: number;
+  /** Messages in the measured batch (fewer than asked when the time limit stopped it). */
+  smtp_receive_messages: number;
+  /** Per-message time from handing it to the pool (a connection free) to its 250, ms. */
+  smtp_receive_p50_ms: number;
+  smtp_receive_p99_ms: number;
+  /** CPU time per message of the platform process, of PostgreSQL (absent with DATABASE_URL) and of this client, ms. */
+  smtp_platform_cpu_ms_per_msg: number;
+  smtp_pg_cpu_ms_per_msg?: number;
+  smtp_client_cpu_ms_per_msg: number;
+  /** Messages stored in the database at the end (warm-up included), a check that every 250 was committed. */
+  smtp_messages_stored: number;
+}
+
+/** The corpus's raw messages, in file order, without the mbox `From ` line that precedes the header. */
+export function loadRawMessages(dir: string): { from: string; raw: Buffer }[] {
+  return readdirSync(dir)
+    .filter((f) => f.endsWith('.eml'))
+    .sort()
+    .map((f) => {
+      let text = readFileSync(join(dir, f), 'latin1');
+      if (text.startsWith('From ')) text = text.slice(text.indexOf('\n') + 1);
+      const rp = /^Return-Path:\s*<([^<>\s]*@[^<>\s]*)>/im.exec(text);
+      return { from: rp?.[1] ?? 'sender@example.org', raw: Buffer.from(text, 'latin1') };
+    });
+}
+
+/**
+ * Starts a platform with `--roles smtp` on a fresh database with one local user, sends
+ * `warmup` messages (not measured), then `count` more through a pool of 4 SMTP connections
+ * kept busy by 4 senders; the clock stops when the last has been answered 250. No new
+ * message is sent after `limitMs` (default 1 minute): the figure then covers those sent.
+ * @throws Error when a message is refused (the figure would be meaningless)
+ */
+export async function benchSmtpReceive(database: BenchDatabase, opts: { count?: number; warmup?: number; limitMs?: number } = {}): Promise<SmtpFigures> {
+  const count = opts.count ?? 2000;
+  const warmup = opts.warmup ?? 100;
+  const limitMs = opts.limitMs ?? 60_000;
+  const messages = loadRawMessages(EASY_HAM);
+  if (messages.length < warmup + count) throw new Error(`the corpus has ${messages.length} messages; need ${warmup + count}`);
+  const url = await database.createDatabase('smtp');
+  const data = tempDataDir('smtp');
+  const rcpt = `inbox@${BENCH_DOMAIN}`;
+  await createUsers(url, data.dir, [rcpt]);
+  progress('smtp: starting platform (--roles smtp)');
+  const platform = await startPlatformProcess({ databaseUrl: url, dataDir: data.dir, roles: ['smtp'] });
+  const transport = nodemailer.createTransport({
+    pool: true,
+    maxConnections: 4,
+    maxMessages: Infinity,
+    host: '127.0.0.1',
+    port: platform.smtpPort,
+    secure: false,
+    ignoreTLS: true,
+    name: 'bench.client.test',
+    connectionTimeout: 10_000,
+    socketTimeout: 60_000,
+  });
+  const send = async (m: { from: string; raw: Buffer }): Promise<void> => {
+    const info = await transport.sendMail({ envelope: { from: m.from, to: [rcpt] }, raw: m.raw });
+    if (!/^250[ -]/.test(String(info.response))) throw new Error(`unexpected SMTP answer: ${info.response}`);
+  };
+  try {
+    progress(`smtp: warm-up, ${warmup} messages`);
+    await Promise.all(messages.slice(0, warmup).map(send));
+    progress(`smtp: sending ${count} messages over 4 pooled connections`);
+    // Four senders keep the pool's four connections busy: each hands the pool its next
+    // message as soon as its previous one got its 250, so the latency is the server's.
+    const batch = messages.slice(warmup, warmup + count);
+    const latencies: number[] = [];
+    let next = 0;
+    const cpu0 = processCpuMs(platform.pid);
+    const pg0 = database.cpuMs();
+    const client0 = process.cpuUsage();
+    const t0 = performance.now();
+    await Promise.all(
+      Array.from({ length: 4 }, async () => {
+        while (next < batch.length && performance.now() - t0 < limitMs) {
+          const m = batch[next++];
+          const s = performance.now();
+          await send(m);
+          latencies.push(performance.now() - s);
+          if (latencies.length % 500 === 0) progress(`smtp: ${latencies.length}/${count} answered 250`);
+        }
+      }),
+    );
+    const elapsed = (performance.now() - t0) / 1000;
+    const sent = latencies.length;
+    const cpuMs = processCpuMs(platform.pid) - cpu0;
+    const pg1 = database.cpuMs();
+    const client = process.cpuUsage(client0);
+    if (sent < count) progress(`smtp: time limit (${limitMs / 1000} s) reached after ${sent} of ${count} messages`);
+    latencies.sort((a, b) => a - b);
+    const c = new pg.Client({ connectionString: url });
+    await c.connect();
+    const stored = (await c.query('select count(*)::int as n from messages')).rows[0].n as number;
+    await c.end();
+    progress(`smtp: ${sent} messages in ${elapsed.toFixed(1)} s; ${stored} messages stored`);
+    return {
+      smtp_receive_msgs_per_s: round(sent / elapsed, 1),
+      smtp_receive_messages: sent,
+      smtp_receive_p50_ms: round(percentile(latencies, 50)),
+      smtp_receive_p99_ms: round(percentile(latencies, 99)),
+      smtp_platform_cpu_ms_per_msg: round(cpuMs / sent, 3),
+      ...(pg0 !== null && pg1 !== null ? { smtp_pg_cpu_ms_per_msg: round((pg1 - pg0) / sent, 3) } : {}),
+      smtp_client_cpu_ms_per_msg: round((client.user + client.system) / 1000 / sent, 3),
+      smtp_messages_stored: stored,
+    };
+  } finally {
+    transport.close();
+    await platform.stop();
+    data.rm();
+  }
+}
