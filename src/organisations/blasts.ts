@@ -7,7 +7,7 @@ import { chainFor, checkChain } from './chains.ts';
 import { orgById, type Org } from './orgs.ts';
 import { decodeCursor, pageOf, type Page } from './pagination.ts';
 import { checkQuota, lockQuota, rateBudget } from './quota.ts';
-import { inSavepoint, prepareMessage, SEND_CONTACT_COLUMNS, type SendContact, withRetry } from './send.ts';
+import { inSavepoint, markPrepared, type PreparedMark, prepareMessage, SEND_CONTACT_COLUMNS, type SendContact, withRetry } from './send.ts';
 import { checkTemplates, renderTemplate } from './templates.ts';
 
 /**
@@ -246,22 +246,31 @@ async function prepareChunkOnce(deps: Deps, org: Org, blastId: number, limit: nu
       .forUpdate()
       .execute()) as SendContact[];
     const convIds = contacts.map((c) => c.conv_id).filter((x): x is number => x !== null).sort((a, b) => a - b);
-    if (convIds.length) await tx.selectFrom('conversations').select('id').where('id', 'in', convIds).orderBy('id').forUpdate().execute();
+    // The contacts' conversations, locked and read at once (prepareMessage then doesn't read each again).
+    const convs = convIds.length ? await tx.selectFrom('conversations').selectAll().where('id', 'in', convIds).orderBy('id').forUpdate().execute() : [];
+    const convById = new Map(convs.map((c) => [c.id, c]));
     const byId = new Map(contacts.map((c) => [c.id, c]));
+    const marks: PreparedMark[] = [];
     for (const r of rows) {
       const contact = byId.get(r.contact_id)!;
       const om = { id: r.id, subject: r.subject, body: r.body, chain: r.chain, blast_id: r.blast_id };
+      // A conversation row is current only until the first append to it.
+      const conv = contact.conv_id !== null ? convById.get(contact.conv_id) : undefined;
+      if (conv) convById.delete(conv.id);
+      const opts = { conv, deferMark: true };
       if (!careful) {
-        await prepareMessage(tx, deps, org, contact, om);
+        marks.push((await prepareMessage(tx, deps, org, contact, om, opts)).mark);
         continue;
       }
       try {
-        await inSavepoint(tx, () => prepareMessage(tx, deps, org, contact, om));
+        marks.push((await inSavepoint(tx, () => prepareMessage(tx, deps, org, contact, om, opts))).mark);
       } catch (e) {
         if (!(e instanceof AppError) || e.status >= 500) throw e;
         await tx.updateTable('outbound_messages').set({ error: `${e.message} (${e.code})`.slice(0, 2000) }).where('id', '=', r.id).execute();
       }
     }
+    // Every message of the chunk marked prepared in one statement.
+    await markPrepared(tx, deps, org.id, marks);
     return rows.length;
   });
 }

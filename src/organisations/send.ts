@@ -7,7 +7,7 @@ import type { ConversationRow } from '../conversations/store.ts';
 import { enqueueDelivery } from '../delivery/engine.ts';
 import { outboundMessageId } from '../mail/outbound/enqueue.ts';
 import { AppError, badRequest, conflict, notFound } from '../platform/errors.ts';
-import type { Queryable, Tx } from '../store/db.ts';
+import { type Queryable, transaction, type Tx } from '../store/db.ts';
 import { chainFor, checkChain, destinationsFor, reachableChain } from './chains.ts';
 import type { Org } from './orgs.ts';
 import { decodeCursor, pageOf, type Page } from './pagination.ts';
@@ -123,10 +123,42 @@ function payloadFor(deps: Deps, key: string, actionId: number, subject: string, 
 }
 
 /**
+ * What marks an outbound message prepared: its conversation and action (and, for a
+ * conversation created for it, that the conversation becomes the organisation's and the
+ * contact's). Written by `markPrepared`, one statement for any number of messages.
+ */
+export interface PreparedMark {
+  omId: number;
+  contactId: number;
+  convId: number;
+  actionId: number;
+  newConversation: boolean;
+}
+
+/**
+ * Marks outbound messages prepared (`conv_id`, `action_id`, `prepared_at`, `error` cleared)
+ * in ONE statement, and for those whose conversation was created for them sets
+ * `conversations.org_id` and `contacts.conv_id` — a blast chunk marks its 100 messages with
+ * one round trip instead of one each.
+ */
+export async function markPrepared(tx: Tx, deps: Deps, orgId: number, marks: readonly PreparedMark[]): Promise<void> {
+  if (marks.length === 0) return;
+  await sql`
+    with v as (select * from unnest(${marks.map((m) => m.omId)}::bigint[], ${marks.map((m) => m.contactId)}::bigint[], ${marks.map((m) => m.convId)}::bigint[],
+                                    ${marks.map((m) => m.actionId)}::bigint[], ${marks.map((m) => m.newConversation)}::bool[])
+                      as t(om_id, contact_id, conv_id, action_id, new_conv)),
+         c as (update conversations set org_id = ${orgId} from v where v.new_conv and conversations.id = v.conv_id),
+         k as (update contacts set conv_id = v.conv_id from v where v.new_conv and contacts.id = v.contact_id)
+    update outbound_messages o set conv_id = v.conv_id, action_id = v.action_id, prepared_at = ${new Date(deps.clock.now())}, error = null
+      from v where o.id = v.om_id`.execute(tx);
+}
+
+/**
  * Enqueues the delivery of action `actionId` of the contact's conversation for outbound
- * message `om` (idempotency key `om:<id>`: enqueuing twice sends once) and marks it prepared
- * (with `newConversation`, also sets `conversations.org_id` and `contacts.conv_id`).
- * @returns the delivery id (null when it already existed)
+ * message `om` (idempotency key `om:<id>`: enqueuing twice sends once) and, unless `deferMark`,
+ * marks it prepared (markPrepared; with `newConversation`, also sets `conversations.org_id`
+ * and `contacts.conv_id`).
+ * @returns the delivery id (null when it already existed) and the mark (written or deferred)
  */
 export async function enqueueFor(
   tx: Tx,
@@ -137,7 +169,8 @@ export async function enqueueFor(
   conv: { id: number; key: string; subject: string },
   actionId: number,
   newConversation = false,
-): Promise<number | null> {
+  deferMark = false,
+): Promise<{ deliveryId: number | null; mark: PreparedMark }> {
   const deliveryId = await enqueueDelivery(tx, deps, {
     chain: om.chain,
     destinations: destinationsFor(contact),
@@ -152,21 +185,9 @@ export async function enqueueFor(
     expiresAt: new Date(deps.clock.now() + deps.config.deliveryMaxAgeHours * 3_600_000),
     fallback: { notDeliveredS: org.fallback?.not_delivered_s, notReadS: org.fallback?.not_read_s },
   });
-  if (newConversation) {
-    // One statement: the conversation becomes the organisation's, the contact's, and the message prepared.
-    await sql`
-      with c as (update conversations set org_id = ${org.id} where id = ${conv.id}),
-           k as (update contacts set conv_id = ${conv.id} where id = ${contact.id})
-      update outbound_messages set conv_id = ${conv.id}, action_id = ${actionId}, prepared_at = ${new Date(deps.clock.now())}, error = null
-       where id = ${om.id}`.execute(tx);
-  } else {
-    await tx
-      .updateTable('outbound_messages')
-      .set({ conv_id: conv.id, action_id: actionId, prepared_at: new Date(deps.clock.now()), error: null })
-      .where('id', '=', om.id)
-      .execute();
-  }
-  return deliveryId;
+  const mark: PreparedMark = { omId: om.id, contactId: contact.id, convId: conv.id, actionId, newConversation };
+  if (!deferMark) await markPrepared(tx, deps, org.id, [mark]);
+  return { deliveryId, mark };
 }
 
 /**
@@ -174,6 +195,9 @@ export async function enqueueFor(
  * the organisation's address to the contact's conversation (created on the first message;
  * `conversations.org_id` set), then enqueues its delivery. The caller holds the contact's
  * row lock (and, when it exists, should lock its conversation first in a batch).
+ * Options (a blast chunk): `conv`, the contact's conversation row the caller already locked
+ * (saves reading it again); `deferMark`, the caller writes the returned `mark` itself with
+ * `markPrepared`, for many messages at once.
  * @throws AppError from the conversation write (e.g. 400 `unknown_local_address` for a
  *   contact whose email is an address of this platform that is not a user)
  */
@@ -183,12 +207,13 @@ export async function prepareMessage(
   org: Org,
   contact: SendContact,
   om: OutboundRow,
-): Promise<{ convId: number; convKey: string; actionId: number; deliveryId: number | null }> {
+  opts: { conv?: ConversationRow; deferMark?: boolean } = {},
+): Promise<{ convId: number; convKey: string; actionId: number; deliveryId: number | null; mark: PreparedMark }> {
   markOrgApiTx(tx, new Set(contactAddresses(contact)));
   let conv: { id: number; key: string; subject: string } | null = null;
   let actionId = 0;
   if (contact.conv_id !== null) {
-    const row = await lockConversationById(tx, contact.conv_id);
+    const row = opts.conv && opts.conv.id === contact.conv_id ? opts.conv : await lockConversationById(tx, contact.conv_id);
     if (row) {
       const { actions } = await appendActions(tx, deps, row, org.address, [{ act: 'message:add', body: om.body }]);
       conv = { id: row.id, key: row.key, subject: row.subject };
@@ -206,22 +231,27 @@ export async function prepareMessage(
     });
     const add = created.actions.find((a) => a.act === 'message:add')!;
     const c = { id: created.id, key: created.key, subject };
-    const deliveryId = await enqueueFor(tx, deps, org, contact, om, c, add.id, true);
+    const r = await enqueueFor(tx, deps, org, contact, om, c, add.id, true, opts.deferMark);
     contact.conv_id = created.id;
-    return { convId: c.id, convKey: c.key, actionId: add.id, deliveryId };
+    return { convId: c.id, convKey: c.key, actionId: add.id, deliveryId: r.deliveryId, mark: r.mark };
   }
-  const deliveryId = await enqueueFor(tx, deps, org, contact, om, conv, actionId);
-  return { convId: conv.id, convKey: conv.key, actionId, deliveryId };
+  const r = await enqueueFor(tx, deps, org, contact, om, conv, actionId, false, opts.deferMark);
+  return { convId: conv.id, convKey: conv.key, actionId, deliveryId: r.deliveryId, mark: r.mark };
 }
 
 /** The columns a contact is loaded with for sending. */
 export const SEND_CONTACT_COLUMNS = ['id', 'name', 'email', 'phone', 'preferred_chain', 'fields', 'conv_id'] as const;
 
-/** Retries a transaction body on deadlock, serialization failure or a conversation key collision (at most 5 attempts). */
+/**
+ * Runs a transaction body (store/db.ts `transaction`: its notifications — workers woken,
+ * users' streams — go out once, just after the commit, instead of one NOTIFY per message
+ * inside it), retried on deadlock, serialization failure or a conversation key collision
+ * (at most 5 attempts).
+ */
 export async function withRetry<T>(deps: Deps, fn: (tx: Tx) => Promise<T>): Promise<T> {
   for (let attempt = 1; ; attempt++) {
     try {
-      return await deps.db.kysely.transaction().execute(fn);
+      return await transaction(deps.db, fn);
     } catch (e) {
       const code = (e as { code?: string })?.code;
       if (attempt < 5 && (code === '40P01' || code === '40001' || (e instanceof AppError && e.code === 'key_taken'))) continue;
