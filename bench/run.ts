@@ -5,7 +5,8 @@
  * printed on stdout). Progress goes to stderr. Exits 1 if a benchmark failed (the figures of
  * the others are still written).
  *
- * Options: `--only import,smtp,append,ws` runs a subset (append and ws share one platform).
+ * Options: `--only import,smtp,append,ws,delivery` runs a subset (append and ws share one
+ * platform; delivery is bench/delivery.ts, the delivery engine's workers).
  */
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg } from 'node:os';
@@ -16,7 +17,7 @@ import { benchAppend } from './append.ts';
 import { benchWebsocket } from './websocket.ts';
 import { ROOT, cleanupAll, processMemoryMb, progress, round, setupPairs, startDatabase, startPlatformProcess, tempDataDir } from './support.ts';
 
-const ALL = ['import', 'smtp', 'append', 'ws'];
+const ALL = ['import', 'smtp', 'append', 'ws', 'delivery'];
 const onlyArg = process.argv.indexOf('--only');
 const selected = onlyArg >= 0 ? (process.argv[onlyArg + 1] ?? '').split(',').map((s) => s.trim()) : ALL;
 const unknown = selected.filter((s) => !ALL.includes(s));
@@ -83,7 +84,7 @@ try {
       return out;
     });
   }
-  if (onlyArg < 0 || selected.includes('delivery')) await step('delivery', async () => (await import('./delivery.ts')).benchDelivery(database));
+  if (selected.includes('delivery')) await step('delivery', async () => (await import('./delivery.ts')).benchDelivery(database));
 } finally {
   await database.stop();
 }
