@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import { sql, type Updateable } from 'kysely';
 import type { Deps } from '../context.ts';
+import { coalescingRunner } from '../platform/coalesce.ts';
 import { DELIVERIES_CHANNEL } from '../mail/outbound/enqueue.ts';
 import type { DeliveriesTable } from '../store/schema.ts';
 import { applyEarlyReceipts } from './inbound.ts';
@@ -245,8 +246,6 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
   const orgConfig = orgConfigCache(deps);
   const configChecked = new WeakMap<object, string | null>();
   let stopped = false;
-  let running: Promise<void> | null = null;
-  let again = false;
 
   const configProblem = async (plugin: DeliveryPlugin, config: Record<string, unknown>): Promise<string | null> => {
     if (configChecked.has(config)) return configChecked.get(config)!;
@@ -301,25 +300,8 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
     if (!stopped) total += await sweepFallbacks(deps);
     return total;
   };
-  const kick = () => {
-    if (stopped) return;
-    if (running) {
-      again = true;
-      return;
-    }
-    running = (async () => {
-      do {
-        again = false;
-        try {
-          await runOnce();
-        } catch (e) {
-          deps.log.error({ err: e }, 'delivery round failed');
-        }
-      } while (again && !stopped);
-    })().finally(() => {
-      running = null;
-    });
-  };
+  const runner = coalescingRunner(runOnce, (e) => deps.log.error({ err: e }, 'delivery round failed'));
+  const kick = runner.kick;
 
   const listener = new pg.Client({ connectionString: (deps.db.pool as any).options.connectionString });
   listener.on('notification', kick);
@@ -337,7 +319,7 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
       stopped = true;
       clearInterval(timer);
       await listener.end().catch(() => {});
-      await running;
+      await runner.stop();
     },
   };
 }

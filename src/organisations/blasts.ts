@@ -1,5 +1,6 @@
 import { sql } from 'kysely';
 import type { Deps } from '../context.ts';
+import { coalescingRunner } from '../platform/coalesce.ts';
 import { LIMITS } from '../core/actions.ts';
 import { AppError, badRequest, conflict, notFound } from '../platform/errors.ts';
 import type { Tx } from '../store/db.ts';
@@ -302,8 +303,6 @@ export interface BlastPreparer {
 export function startBlastPreparer(deps: Deps, opts: { pollMs?: number; chunk?: number } = {}): BlastPreparer {
   const chunk = opts.chunk ?? PREPARE_CHUNK;
   let stopped = false;
-  let running: Promise<void> | null = null;
-  let again = false;
   const round = async () => {
     const blasts = await deps.db.kysely.selectFrom('blasts').select(['id', 'org_id']).where('prepared_at', 'is', null).orderBy('id').limit(100).execute();
     for (const b of blasts) {
@@ -320,37 +319,18 @@ export function startBlastPreparer(deps: Deps, opts: { pollMs?: number; chunk?: 
       if (stopped) return;
     }
   };
-  const kick = () => {
-    if (stopped) return;
-    if (running) {
-      again = true;
-      return;
-    }
-    running = (async () => {
-      do {
-        again = false;
-        try {
-          await round();
-        } catch (e) {
-          deps.log.error({ err: e }, 'blast preparation round failed');
-        }
-      } while (again && !stopped);
-    })().finally(() => {
-      running = null;
-    });
-  };
+  const runner = coalescingRunner(round, (e) => deps.log.error({ err: e }, 'blast preparation round failed'));
+  const kick = runner.kick;
   const timer = setInterval(kick, opts.pollMs ?? 1000);
   timer.unref();
   kick();
   return {
     kick,
-    idle: async () => {
-      while (running) await running;
-    },
+    idle: runner.idle,
     stop: async () => {
       stopped = true;
       clearInterval(timer);
-      await running;
+      await runner.stop();
     },
   };
 }
