@@ -29,6 +29,8 @@ export function openDb(url: string, max = 10): Db {
     pool,
     close: async () => {
       await kysely.destroy();
+      // Kysely ends the pool only if it ever used it; a CLI that only migrated would wait for the idle timeout.
+      if (!pool.ended) await pool.end();
     },
   };
 }
