@@ -37,6 +37,20 @@ export function openDb(url: string, max = 10): Db {
 
 /** Notifications a transaction opened with {@link transaction} sends once it has committed. */
 const pendingNotices = new WeakMap<object, { channel: string; payload: string }[]>();
+/** Work a transaction opened with {@link transaction} runs as its last statements, just before COMMIT. */
+const beforeCommitHooks = new WeakMap<object, (() => Promise<void>)[]>();
+
+/**
+ * Runs `hook` as the last work of `tx`, just before it commits — so row locks taken there
+ * (the users' stream counters) are held only across the commit. Returns false, running
+ * nothing, when `tx` was not opened with {@link transaction}: the caller then does the work now.
+ */
+export function beforeCommit(tx: Queryable, hook: () => Promise<void>): boolean {
+  const hooks = beforeCommitHooks.get(tx);
+  if (!hooks) return false;
+  hooks.push(hook);
+  return true;
+}
 
 /**
  * Runs `fn` in a transaction and, once it has committed, sends the notifications it asked
@@ -50,7 +64,11 @@ export async function transaction<T>(db: Db, fn: (tx: Tx) => Promise<T>): Promis
   const notices: { channel: string; payload: string }[] = [];
   const result = await db.kysely.transaction().execute(async (tx) => {
     pendingNotices.set(tx, notices);
-    return fn(tx);
+    const hooks: (() => Promise<void>)[] = [];
+    beforeCommitHooks.set(tx, hooks);
+    const r = await fn(tx);
+    for (let i = 0; i < hooks.length; i++) await hooks[i]();
+    return r;
   });
   if (notices.length > 0) {
     db.pool

@@ -26,7 +26,7 @@ import { type ConversationRow, lockConversation } from '../../conversations/stor
 import type { Clock } from '../../platform/clock.ts';
 import { AppError } from '../../platform/errors.ts';
 import type { Tx } from '../../store/db.ts';
-import { isUniqueViolation } from '../../store/db.ts';
+import { isUniqueViolation, transaction } from '../../store/db.ts';
 import { authenticateEmail, type EmailAuthentication } from '../authenticate.ts';
 import { createResolver, type MailResolver, offlineResolver } from '../dns.ts';
 import { normalizeAddress } from '../address.ts';
@@ -171,7 +171,7 @@ export async function ingestEmail(deps: Deps, raw: Buffer, envelope: Envelope, o
     for (let attempt = 1; ; attempt++) {
       try {
         const attemptDeps: Deps = { ...deps, clock: attempt === 1 ? clock : offsetClock(clock, attempt) };
-        return await deps.db.kysely.transaction().execute((tx) =>
+        return await transaction(deps.db, (tx) =>
           applyEmail(tx, attemptDeps, { inboundId, sha256, envelope, parsed, message, files: files.refs, auth, quiet: mode === 'import' }),
         );
       } catch (e) {
