@@ -51,6 +51,29 @@ export interface ConversationSummary {
   labels: number[];
 }
 
+/**
+ * A list row (participants p joined with conversations c, plus `labels`) as the API shows
+ * it; a removed participant sees the conversation as it was at the removal (p.snapshot).
+ */
+export function conversationSummary(r: any): ConversationSummary {
+  const snap = r.removed_id !== null ? (r.snapshot ?? {}) : {};
+  return {
+    key: r.key,
+    subject: snap.subject ?? r.subject,
+    creator: r.creator,
+    published: r.published,
+    created_at: new Date(r.created_at).toISOString(),
+    updated_at: new Date(snap.last_ts ?? r.last_ts ?? r.created_at).toISOString(),
+    last_action_id: r.removed_id ?? r.last_id,
+    message_count: snap.message_count ?? r.message_count,
+    unseen: !r.seen,
+    muted: r.muted,
+    removed: r.removed_id !== null,
+    flags: { inbox: r.inbox, deleted: r.deleted, spam: r.spam },
+    labels: r.labels.map(Number),
+  };
+}
+
 function encodeCursor(ts: Date | string, id: number): string {
   return Buffer.from(`${new Date(ts).toISOString()}|${id}`).toString('base64url');
 }
@@ -90,24 +113,7 @@ export async function listConversations(
      order by p.last_event_ts desc, c.id desc
      limit ${opts.limit + 1}`.execute(deps.db.kysely);
   const page = rows.rows.slice(0, opts.limit);
-  const items = page.map((r): ConversationSummary => {
-    const snap = r.removed_id !== null ? (r.snapshot ?? {}) : {};
-    return {
-      key: r.key,
-      subject: snap.subject ?? r.subject,
-      creator: r.creator,
-      published: r.published,
-      created_at: new Date(r.created_at).toISOString(),
-      updated_at: new Date(snap.last_ts ?? r.last_ts ?? r.created_at).toISOString(),
-      last_action_id: r.removed_id ?? r.last_id,
-      message_count: snap.message_count ?? r.message_count,
-      unseen: !r.seen,
-      muted: r.muted,
-      removed: r.removed_id !== null,
-      flags: { inbox: r.inbox, deleted: r.deleted, spam: r.spam },
-      labels: r.labels.map(Number),
-    };
-  });
+  const items = page.map(conversationSummary);
   const last = page[page.length - 1];
   return {
     items,

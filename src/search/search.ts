@@ -1,7 +1,7 @@
 import { type RawBuilder, sql } from 'kysely';
 import type { Deps } from '../context.ts';
 import type { Actor } from '../conversations/commands/apply-actions.ts';
-import type { ConversationSummary } from '../conversations/queries.ts';
+import { conversationSummary, type ConversationSummary } from '../conversations/queries.ts';
 import { badRequest } from '../platform/errors.ts';
 import { parseSearchQuery, queryFingerprint } from './query.ts';
 
@@ -247,25 +247,12 @@ export async function searchConversations(
 
   const page = rows.rows.slice(0, opts.limit);
   const items = page.map((r): SearchHit => {
-    const snap = r.removed_id !== null ? (r.snapshot ?? {}) : {};
     const snippet: SearchSnippet | null =
       r.message_id === null || r.message_id === undefined
         ? null
         : { message_id: r.message_id, ...(r.matched ? highlightSpans(String(r.snippet ?? '')) : { text: excerpt(String(r.snippet ?? '')), highlights: [] }) };
     return {
-      key: r.key,
-      subject: r.subject,
-      creator: r.creator,
-      published: r.published,
-      created_at: new Date(r.created_at).toISOString(),
-      updated_at: new Date(snap.last_ts ?? r.last_ts ?? r.created_at).toISOString(),
-      last_action_id: r.removed_id ?? r.last_id,
-      message_count: snap.message_count ?? r.message_count,
-      unseen: !r.seen,
-      muted: r.muted,
-      removed: r.removed_id !== null,
-      flags: { inbox: r.inbox, deleted: r.deleted, spam: r.spam },
-      labels: r.labels.map(Number),
+      ...conversationSummary(r),
       rank: Number(r.rank),
       snippet,
     };
