@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import pg from 'pg';
 import { Kysely, PostgresDialect, sql, type Transaction } from 'kysely';
 import type { Database } from './schema.ts';
@@ -23,7 +24,11 @@ export function openDb(url: string, max = 10): Db {
   const pool = new pg.Pool({ connectionString: url, max });
   // An idle client that loses its connection must not crash the process.
   pool.on('error', () => {});
-  const kysely = new Kysely<Database>({ dialect: new PostgresDialect({ pool }) });
+  const kysely = new Kysely<Database>({
+    dialect: new PostgresDialect({
+      pool: { connect: async () => preparingClient(await pool.connect()), end: () => pool.end() } as unknown as pg.Pool,
+    }),
+  });
   return {
     kysely,
     pool,
@@ -33,6 +38,48 @@ export function openDb(url: string, max = 10): Db {
       if (!pool.ended) await pool.end();
     },
   };
+}
+
+/** Statements a connection keeps prepared at most; past that, queries go unnamed (planned each time). */
+const MAX_PREPARED_PER_CONNECTION = 500;
+/** SQL text → statement name (a hash of the text), shared by all connections. */
+const statementNames = new Map<string, string>();
+/** Names each pooled connection has prepared. */
+const preparedOn = new WeakMap<pg.PoolClient, Set<string>>();
+const PREPARABLE = /^\s*(select|insert|update|delete|with)\b/i;
+
+/**
+ * Wraps a pooled client so that every single-statement query Kysely sends runs as a named
+ * prepared statement (name = a hash of its text). PostgreSQL then parses and plans it once
+ * per connection instead of on every call: on this project's write path planning cost more
+ * CPU than execution (docs/benchmarks.md, "Where the time goes"). Statement texts whose
+ * parameter count varies (`in ($1, $2, …)`) would each get a name, so a connection prepares
+ * at most {@link MAX_PREPARED_PER_CONNECTION} and sends the rest unnamed.
+ */
+function preparingClient(client: pg.PoolClient): pg.PoolClient {
+  let names = preparedOn.get(client);
+  if (!names) preparedOn.set(client, (names = new Set()));
+  const prepared = names;
+  const query = client.query.bind(client) as (...args: unknown[]) => unknown;
+  return new Proxy(client, {
+    get(target, prop, receiver) {
+      if (prop !== 'query') return Reflect.get(target, prop, receiver) as unknown;
+      return (text: unknown, values?: unknown[]) => {
+        if (typeof text !== 'string' || !PREPARABLE.test(text)) return query(text, values);
+        let name = statementNames.get(text);
+        if (!name) {
+          name = 'p' + createHash('sha1').update(text).digest('base64url');
+          if (statementNames.size > 20_000) statementNames.clear();
+          statementNames.set(text, name);
+        }
+        if (!prepared.has(name)) {
+          if (prepared.size >= MAX_PREPARED_PER_CONNECTION) return query(text, values);
+          prepared.add(name);
+        }
+        return query({ name, text, values });
+      };
+    },
+  });
 }
 
 /** Notifications a transaction opened with {@link transaction} sends once it has committed. */

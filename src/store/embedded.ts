@@ -45,7 +45,11 @@ export async function startEmbeddedPostgres(dir: string, port: number): Promise<
     createPostgresUser: isRoot,
     // The package asks initdb for en_US.UTF-8 messages, which many servers lack: later flags win.
     initdbFlags: ['--encoding=UTF8', '--locale=C.UTF-8', '--lc-messages=C'],
-    postgresFlags: ['-c', 'listen_addresses=127.0.0.1', '-c', 'max_connections=200', '-c', 'fsync=on'],
+    postgresFlags: [
+      '-c', 'listen_addresses=127.0.0.1', '-c', 'max_connections=200', '-c', 'fsync=on',
+      // Extra server settings for diagnosis, e.g. PARLEY_PG_SETTINGS="shared_preload_libraries=pg_stat_statements".
+      ...(process.env.PARLEY_PG_SETTINGS ?? '').split(/\s+/).filter(Boolean).flatMap((s) => ['-c', s]),
+    ],
     onLog: process.env.PARLEY_PG_DEBUG ? console.log : () => {},
     onError: process.env.PARLEY_PG_DEBUG ? console.error : () => {},
   } as ConstructorParameters<typeof EmbeddedPostgres>[0]);
