@@ -14,6 +14,7 @@ import { badRequest } from '../platform/errors.ts';
 import { type VerifiedPeer, verifyRequest } from './http-signatures.ts';
 import { keysDocument } from './keys.ts';
 import { federationOf } from './runtime.ts';
+import { federationAbuseHooks } from './abuse.ts';
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -126,7 +127,8 @@ export async function federationRoutes(app: FastifyInstance, deps: Deps): Promis
     scope.decorateRequest('peer', null);
     // Verify before parsing: JSON bodies stay raw bytes until the signature checks out.
     scope.removeContentTypeParser('application/json');
-    scope.addContentTypeParser('application/json', { parseAs: 'buffer', bodyLimit: deps.config.maxBodyBytes }, (_req, body, done) => done(null, body));
+    scope.addContentTypeParser('application/json', { parseAs: 'buffer', bodyLimit: deps.config.federationMaxBodyBytes }, (_req, body, done) => done(null, body));
+    federationAbuseHooks(scope, deps); // allow/deny lists, rate limit per platform, body size (abuse.ts)
     const auth = requirePlatform(deps);
 
     scope.get('/ping', {

@@ -53,6 +53,19 @@ export const ConfigSchema = Type.Object(
      * DNS and the well-known document (docs/federation.md, "Discovery").
      */
     federationRoutes: Type.Record(Type.String({ pattern: '^[a-z0-9.-]+$' }), Type.String({ pattern: '^https?://[^\\s]+$' })),
+    /**
+     * Abuse controls (issue 3 §9; src/federation/abuse.ts): platforms allowed to call this one
+     * (PARLEY_FEDERATION_ALLOW, comma-separated domains, `*.example.com` for subdomains; empty →
+     * every platform not denied) and refused (PARLEY_FEDERATION_DENY; wins over allow).
+     */
+    federationAllow: Type.Array(Type.String({ pattern: '^(\\*\\.)?[a-z0-9.-]+$' })),
+    federationDeny: Type.Array(Type.String({ pattern: '^(\\*\\.)?[a-z0-9.-]+$' })),
+    /** Signed requests per second each remote platform may send (PARLEY_FEDERATION_RATE); 0 → no limit. */
+    federationRatePerS: Type.Number({ minimum: 0 }),
+    /** Requests a remote platform may send at once above that rate (PARLEY_FEDERATION_BURST). */
+    federationBurst: Type.Integer({ minimum: 1 }),
+    /** Largest federation request body in bytes (PARLEY_FEDERATION_MAX_BODY_BYTES; 413 beyond). */
+    federationMaxBodyBytes: Type.Integer({ minimum: 1024 }),
     /** Log level (PARLEY_LOG_LEVEL). */
     logLevel: Type.Union(['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'].map((l) => Type.Literal(l))),
   },
@@ -83,6 +96,11 @@ export const DEFAULT_CONFIG: Config = {
   sessionDays: 30,
   trustProxy: false,
   federationRoutes: Object.freeze({}) as Record<string, string>,
+  federationAllow: [],
+  federationDeny: [],
+  federationRatePerS: 200,
+  federationBurst: 400,
+  federationMaxBodyBytes: 10 * 1024 * 1024,
   logLevel: 'info',
 };
 
@@ -107,6 +125,11 @@ const ENV: Record<string, keyof Config> = {
   PARLEY_SESSION_DAYS: 'sessionDays',
   PARLEY_TRUST_PROXY: 'trustProxy',
   PARLEY_FEDERATION_ROUTES: 'federationRoutes',
+  PARLEY_FEDERATION_ALLOW: 'federationAllow',
+  PARLEY_FEDERATION_DENY: 'federationDeny',
+  PARLEY_FEDERATION_RATE: 'federationRatePerS',
+  PARLEY_FEDERATION_BURST: 'federationBurst',
+  PARLEY_FEDERATION_MAX_BODY_BYTES: 'federationMaxBodyBytes',
   PARLEY_LOG_LEVEL: 'logLevel',
 };
 
