@@ -15,6 +15,7 @@ import { type VerifiedPeer, verifyRequest } from './http-signatures.ts';
 import { keysDocument } from './keys.ts';
 import { federationOf } from './runtime.ts';
 import { federationAbuseHooks } from './abuse.ts';
+import { blobRoutes } from './blobs.ts';
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -130,6 +131,7 @@ export async function federationRoutes(app: FastifyInstance, deps: Deps): Promis
     scope.addContentTypeParser('application/json', { parseAs: 'buffer', bodyLimit: deps.config.federationMaxBodyBytes }, (_req, body, done) => done(null, body));
     federationAbuseHooks(scope, deps); // allow/deny lists, rate limit per platform, body size (abuse.ts)
     const auth = requirePlatform(deps);
+    await blobRoutes(scope, deps, auth); // GET /federation/v1/blobs/{sha256} (blobs.ts)
 
     scope.get('/ping', {
       preHandler: auth,
