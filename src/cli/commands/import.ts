@@ -2,7 +2,7 @@ import { writeFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import type { Command } from 'commander';
 import cliProgress from 'cli-progress';
-import { importArchive, type ImportProgress, type ImportSummary } from '../../mail/inbound/import-archive.ts';
+import { BATCH_SIZE, importArchive, type ImportProgress, type ImportSummary } from '../../mail/inbound/import-archive.ts';
 import { badRequest } from '../../platform/errors.ts';
 import { withDeps } from '../context.ts';
 
@@ -33,7 +33,7 @@ export function formatSummary(path: string, s: ImportSummary, report: string | n
 }
 
 /**
- * `parley import <path> --owner <address> [--report <file>] [--json] [--concurrency <n>]`
+ * `parley import <path> --owner <address> [--report <file>] [--json] [--concurrency <n>] [--batch <n>]`
  * (issue 2 §6): imports an mbox file, a Maildir, a folder of .eml/.msg files or one message
  * file into conversations for the owner (an existing local user, added to every imported
  * conversation), threaded like SMTP mail (src/mail/inbound/import-archive.ts). Shows a
@@ -50,10 +50,13 @@ export function registerImport(program: Command): void {
     .requiredOption('--owner <address>', 'the local user the mail is imported for (must exist)')
     .option('--report <file>', 'write the summary and every failure as JSON to this file')
     .option('--json', 'print the summary as JSON instead of text', false)
-    .option('--concurrency <n>', 'messages ingested at once', '8')
-    .action(async (path: string, opts: { owner: string; report?: string; json: boolean; concurrency: string }, cmd: Command) => {
+    .option('--concurrency <n>', 'messages parsed (and their files stored) at once', '8')
+    .option('--batch <n>', 'most messages committed per transaction (1: one transaction per message)', String(BATCH_SIZE))
+    .action(async (path: string, opts: { owner: string; report?: string; json: boolean; concurrency: string; batch: string }, cmd: Command) => {
       const concurrency = Number(opts.concurrency);
       if (!Number.isInteger(concurrency) || concurrency < 1 || concurrency > 64) throw badRequest('invalid_option', '--concurrency must be an integer from 1 to 64');
+      const batchSize = Number(opts.batch);
+      if (!Number.isInteger(batchSize) || batchSize < 1 || batchSize > 1000) throw badRequest('invalid_option', '--batch must be an integer from 1 to 1000');
       await withDeps(cmd, async (deps) => {
         const tty = process.stderr.isTTY === true;
         const bar = tty
@@ -65,6 +68,7 @@ export function registerImport(program: Command): void {
         let lastLine = Date.now();
         const summary = await importArchive(deps, path, opts.owner, {
           concurrency,
+          batchSize,
           onStart(total, kind) {
             if (bar) bar.start(total, 0, { counts: '' });
             else process.stderr.write(`import: ${total} messages (${kind}) in ${path}\n`);

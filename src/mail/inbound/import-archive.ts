@@ -14,7 +14,15 @@
  * Message-ID waits for it, and becomes a duplicate). Ties and independent messages go in
  * archive order; a reference cycle (malformed archives) is broken at its earliest-dated
  * message. This is exact where sorting by Date is not: clocks of senders disagree.
- * Up to `concurrency` messages are ingested at once.
+ *
+ * **Batches.** Messages whose parents are done are committed up to `batchSize` per
+ * transaction (ingest-email.ts `commitEmails`: one statement for their raw rows, one for
+ * the owner's stream events, one COMMIT; a batch that fails is redone one message at a
+ * time, so one bad message never fails the others). One batch is committed at a time
+ * while the next is parsed and its files stored (up to `concurrency` messages at once),
+ * so the import's transactions never wait on each other's locks. A batch's messages are
+ * independent of each other (every parent was committed before), so threading is the
+ * same as one message at a time.
  *
  * Importing twice adds nothing: every message is then a duplicate (same Message-ID in a
  * conversation the owner is in, or the same bytes for a message without Message-ID).
@@ -23,10 +31,13 @@ import { type Deps, isLocalAddress } from '../../context.ts';
 import { badRequest } from '../../platform/errors.ts';
 import { normalizeAddress } from '../address.ts';
 import { type Archive, type ArchiveKind, openArchive } from '../archive.ts';
-import { ingestEmail } from './ingest-email.ts';
+import { commitEmails, type IngestResult, prepareEmail } from './ingest-email.ts';
 
 /** Largest total size of an archive kept in memory between the two passes, in bytes; beyond it the archive is read twice. */
 export const RETAIN_BYTES = 256 * 1024 * 1024;
+
+/** Default most messages committed in one transaction. */
+export const BATCH_SIZE = 50;
 
 /** Counts so far, reported after each message. */
 export interface ImportProgress {
@@ -65,8 +76,10 @@ export interface ImportSummary extends ImportProgress {
 
 /** Options of {@link importArchive}. */
 export interface ImportOptions {
-  /** Messages ingested at once (default 8). */
+  /** Messages parsed and their files stored at once (default 8). */
   concurrency?: number;
+  /** Most messages committed per transaction (default {@link BATCH_SIZE}; 1: one transaction per message). */
+  batchSize?: number;
   /** Called after each message. */
   onProgress?(p: ImportProgress): void;
   /** Called once the archive is opened and counted. */
@@ -115,10 +128,8 @@ export async function importArchive(deps: Deps, path: string, ownerInput: string
   const retained = entries.every((e) => e.raw !== null);
   const rawOf = retained ? null : await rereader(archive, entries.length);
 
-  await order.run(Math.max(1, opts.concurrency ?? 8), async (e) => {
-    const raw = e.raw ?? (await rawOf!(e.index));
-    e.raw = null;
-    const r = await ingestEmail(deps, raw, { mailFrom: '', rcptTo: [owner], remoteIp: '', helo: '' }, { mode: 'import' });
+  const concurrency = Math.max(1, opts.concurrency ?? 8);
+  const count = (e: Entry, r: IngestResult) => {
     progress.processed++;
     if (r.status === 'failed') {
       progress.failed++;
@@ -129,6 +140,19 @@ export async function importArchive(deps: Deps, path: string, ownerInput: string
     } else if (r.created.length > 0) progress.imported++;
     else progress.threaded++;
     opts.onProgress?.({ ...progress });
+  };
+  // One batch commits at a time (this chain); the next one is prepared meanwhile.
+  let committing: Promise<unknown> = Promise.resolve();
+  await order.run(Math.max(1, opts.batchSize ?? BATCH_SIZE), 2, async (batch) => {
+    const prepared = await mapLimit(batch, concurrency, async (e) => {
+      const raw = e.raw ?? (await rawOf!(e.index));
+      e.raw = null;
+      return prepareEmail(deps, raw, { mailFrom: '', rcptTo: [owner], remoteIp: '', helo: '' }, { mode: 'import' });
+    });
+    const mine = committing.then(() => commitEmails(deps, prepared));
+    committing = mine.catch(() => {});
+    const results = await mine;
+    batch.forEach((e, k) => count(e, results[k]));
   });
   const inOrder = (list: (ImportFailure & { index: number })[]) => list.sort((a, b) => a.index - b.index).map(({ source, reason }) => ({ source, reason }));
   return {
@@ -221,7 +245,8 @@ function headerEnd(raw: Buffer): number {
 
 /** A dependency order over the archive: parents (by Message-ID) before the messages naming them. */
 interface Schedule {
-  run(concurrency: number, work: (e: Entry) => Promise<void>): Promise<void>;
+  /** Runs `work` on batches of at most `batchSize` ready messages (archive order), at most `lanes` batches at once. */
+  run(batchSize: number, lanes: number, work: (batch: Entry[]) => Promise<void>): Promise<void>;
 }
 
 function schedule(entries: Entry[]): Schedule {
@@ -242,7 +267,7 @@ function schedule(entries: Entry[]): Schedule {
     for (const j of deps) dependents[j].push(e.index);
   }
   return {
-    async run(concurrency, work) {
+    async run(batchSize, lanes, work) {
       // Ready messages in archive order: a min-heap would do, a sorted insert is enough here.
       const ready: number[] = entries.filter((e) => waitsFor[e.index] === 0).map((e) => e.index);
       const started = new Set<number>();
@@ -263,16 +288,21 @@ function schedule(entries: Entry[]): Schedule {
             const left = entries.filter((e) => !started.has(e.index)).sort((a, b) => a.date - b.date || a.index - b.index);
             insertSorted(ready, left[0].index);
           }
-          while (active < concurrency && ready.length > 0) {
-            const i = ready.shift()!;
-            if (started.has(i)) continue;
-            started.add(i);
+          while (active < lanes && ready.length > 0) {
+            const batch: number[] = [];
+            while (batch.length < batchSize && ready.length > 0) {
+              const i = ready.shift()!;
+              if (started.has(i)) continue;
+              started.add(i);
+              batch.push(i);
+            }
+            if (batch.length === 0) break;
             active++;
-            work(entries[i]).then(
+            work(batch.map((i) => entries[i])).then(
               () => {
                 active--;
-                finished++;
-                release(i);
+                finished += batch.length;
+                for (const i of batch) release(i);
                 pump();
               },
               (e) => {
@@ -286,6 +316,21 @@ function schedule(entries: Entry[]): Schedule {
       });
     },
   };
+}
+
+/** `fn` over `xs` with at most `limit` calls at once; results in order. */
+async function mapLimit<T, R>(xs: T[], limit: number, fn: (x: T) => Promise<R>): Promise<R[]> {
+  const out: R[] = new Array(xs.length);
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: Math.min(limit, xs.length) }, async () => {
+      while (next < xs.length) {
+        const i = next++;
+        out[i] = await fn(xs[i]);
+      }
+    }),
+  );
+  return out;
 }
 
 function insertSorted(xs: number[], x: number): void {

@@ -15,6 +15,18 @@
  *    say nothing about it.
  * 4. **Thread or create**, in ONE transaction with the `email_messages` rows and the
  *    `inbound_emails` status update (see {@link ingestEmail} for the rules).
+ *
+ * **Batches** ({@link prepareEmail} + {@link commitEmails}): several prepared messages are
+ * committed in ONE transaction — their `inbound_emails` rows (raw message) inserted by one
+ * statement, then each message threaded or created in turn (a later message sees what an
+ * earlier one of the batch recorded), the stream events of all of them written by one
+ * statement before the single COMMIT. The raw message is then committed together with
+ * its conversation, which is still "before 250": nothing is acknowledged before that
+ * COMMIT. If anything in the batch fails, the transaction rolls back and every message of
+ * the batch goes through the one-message path (raw row committed first, retries, `failed`
+ * with the reason), so one bad message never loses or fails the others. `parley import`
+ * commits its messages in batches; the SMTP server batches messages that arrive together
+ * for the same recipients (src/mail/inbound/smtp-server.ts).
  */
 import { sql } from 'kysely';
 import type { ActionInput, ActionSource, FileRef } from '../../core/actions.ts';
@@ -22,7 +34,7 @@ import { LIMITS } from '../../core/actions.ts';
 import { type Deps, isLocalAddress } from '../../context.ts';
 import { appendActions } from '../../conversations/append.ts';
 import { insertNewConversation } from '../../conversations/commands/create-conversation.ts';
-import { type ConversationRow, lockConversation } from '../../conversations/store.ts';
+import type { ConversationRow } from '../../conversations/store.ts';
 import type { Clock } from '../../platform/clock.ts';
 import { AppError } from '../../platform/errors.ts';
 import type { Tx } from '../../store/db.ts';
@@ -30,6 +42,7 @@ import { isUniqueViolation, transaction } from '../../store/db.ts';
 import { authenticateEmail, type EmailAuthentication } from '../authenticate.ts';
 import { createResolver, type MailResolver, offlineResolver } from '../dns.ts';
 import { normalizeAddress } from '../address.ts';
+import { suppressEmails } from '../outbound/enqueue.ts';
 import { type ParsedEmail, parseEmail } from '../parse.ts';
 import { replyKeyOf } from './recipients.ts';
 
@@ -137,8 +150,90 @@ class Unprocessable extends Error {}
  *   SMTP answers 451)
  */
 export async function ingestEmail(deps: Deps, raw: Buffer, envelope: Envelope, opts: IngestOptions = {}): Promise<IngestResult> {
+  return (await commitEmails(deps, [await prepareEmail(deps, raw, envelope, opts)]))[0];
+}
+
+/**
+ * A message made ready for {@link commitEmails}: raw bytes in the blob store (fsynced),
+ * parsed, authenticated (SMTP), attachments in the blob store. Nothing is in the database yet.
+ */
+export interface PreparedEmail {
+  raw: Buffer;
+  /** SHA-256 of the raw bytes (their blob). */
+  sha256: string;
+  envelope: Envelope;
+  mode: 'smtp' | 'import';
+  /** Why the message cannot be ingested (it is then kept raw as `failed` with this reason); null when it can. */
+  problem: { reason: string; permanent: boolean } | null;
+  parsed: ParsedEmail | null;
+  message: MessageParts | null;
+  files: FileRef[];
+  auth: EmailAuthentication | null;
+  /** The clock of its actions (import: the message's Date). */
+  clock: Clock;
+}
+
+/**
+ * Steps 1–3 of {@link ingestEmail} that need no database: stores the raw bytes (blob),
+ * parses, authenticates (SMTP mode) and stores attachments. A message that cannot be
+ * parsed, or whose attachments cannot be stored, is returned with `problem` set.
+ * @throws Error only when the raw bytes could not be stored (nothing was acknowledged)
+ */
+export async function prepareEmail(deps: Deps, raw: Buffer, envelope: Envelope, opts: IngestOptions = {}): Promise<PreparedEmail> {
   const mode = opts.mode ?? 'smtp';
-  const { inboundId, sha256 } = await storeRaw(deps, raw, envelope);
+  const { sha256 } = await deps.blobs.put(raw);
+  const p: PreparedEmail = { raw, sha256, envelope, mode, problem: null, parsed: null, message: null, files: [], auth: null, clock: deps.clock };
+  try {
+    p.parsed = await parseEmail(raw);
+  } catch (e) {
+    p.problem = { reason: `the message could not be parsed: ${(e as Error).message}`, permanent: true };
+    return p;
+  }
+  if (mode === 'smtp') {
+    p.auth = await authenticateEmail(
+      raw,
+      { ip: envelope.remoteIp, helo: envelope.helo, mailFrom: envelope.mailFrom, mta: deps.config.domains[0] },
+      opts.resolver ?? resolverFor(deps),
+    );
+  }
+  try {
+    const files = await storeAttachments(deps, p.parsed);
+    p.files = files.refs;
+    p.message = buildMessage(p.parsed, p.auth, files.warnings);
+  } catch (e) {
+    p.problem = classify(deps, e, null);
+    return p;
+  }
+  if (mode === 'import') p.clock = messageClock(deps.clock, p.parsed.date);
+  return p;
+}
+
+/**
+ * Step 4 for prepared messages: commits them, in one transaction when there are several
+ * (see the module comment, "Batches"), else — and for every message of a batch that
+ * failed — one by one as {@link ingestEmail} describes.
+ * @returns one result per message, in the same order
+ * @throws Error only when a raw message could not be recorded (nothing was acknowledged)
+ */
+export async function commitEmails(deps: Deps, prepared: PreparedEmail[]): Promise<IngestResult[]> {
+  const results: (IngestResult | null)[] = prepared.map(() => null);
+  const batch = prepared.map((p, i) => ({ p, i })).filter(({ p }) => p.problem === null);
+  if (batch.length >= 2) {
+    try {
+      const done = await transaction(deps.db, (tx) => commitBatch(tx, deps, batch.map(({ p }) => p)));
+      batch.forEach(({ i }, k) => (results[i] = done[k]));
+    } catch (e) {
+      // One message (or a conflict with another writer) failed the batch: each goes alone.
+      deps.log.debug({ err: e, messages: batch.length }, 'inbound batch rolled back; ingesting its messages one by one');
+    }
+  }
+  for (let i = 0; i < prepared.length; i++) results[i] ??= await commitOne(deps, prepared[i]);
+  return results as IngestResult[];
+}
+
+/** One prepared message alone: the raw row committed first, then the ingest transaction (retried), else `failed`. */
+async function commitOne(deps: Deps, p: PreparedEmail): Promise<IngestResult> {
+  const inboundId = await storeRaw(deps, p.sha256, p.raw.length, p.envelope);
   const fail = async (reason: string, permanent: boolean): Promise<IngestResult> => {
     await deps.db.kysely
       .updateTable('inbound_emails')
@@ -148,55 +243,82 @@ export async function ingestEmail(deps: Deps, raw: Buffer, envelope: Envelope, o
       .catch((e) => deps.log.error({ err: e, inboundId }, 'could not mark inbound email as failed'));
     return { inboundId, status: 'failed', created: [], threaded: [], reason, permanent };
   };
-
-  let parsed: ParsedEmail;
+  if (p.problem) return fail(p.problem.reason, p.problem.permanent);
   try {
-    parsed = await parseEmail(raw);
-  } catch (e) {
-    return fail(`the message could not be parsed: ${(e as Error).message}`, true);
-  }
-  let auth: EmailAuthentication | null = null;
-  if (mode === 'smtp') {
-    auth = await authenticateEmail(
-      raw,
-      { ip: envelope.remoteIp, helo: envelope.helo, mailFrom: envelope.mailFrom, mta: deps.config.domains[0] },
-      opts.resolver ?? resolverFor(deps),
-    );
-  }
-
-  try {
-    const files = await storeAttachments(deps, parsed);
-    const message = buildMessage(parsed, auth, files.warnings);
-    const clock = mode === 'import' ? messageClock(deps.clock, parsed.date) : deps.clock;
     for (let attempt = 1; ; attempt++) {
       try {
-        const attemptDeps: Deps = { ...deps, clock: attempt === 1 ? clock : offsetClock(clock, attempt) };
-        return await transaction(deps.db, (tx) =>
-          applyEmail(tx, attemptDeps, { inboundId, sha256, envelope, parsed, message, files: files.refs, auth, quiet: mode === 'import' }),
-        );
+        const attemptDeps: Deps = { ...deps, clock: attempt === 1 ? p.clock : offsetClock(p.clock, attempt) };
+        return await transaction(deps.db, (tx) => applyEmail(tx, attemptDeps, contextOf(p, inboundId)));
       } catch (e) {
         if (attempt < MAX_ATTEMPTS && isRetryable(e)) continue;
         throw e;
       }
     }
   } catch (e) {
-    if (e instanceof Unprocessable) return fail(e.message, true);
-    if (e instanceof AppError && e.status < 500) return fail(`${e.message} (${e.code})`, true);
-    if (isDataError(e)) return fail(`the message's content could not be stored: ${(e as Error).message}`, true);
-    deps.log.error({ err: e, inboundId }, 'inbound email ingest failed');
-    return fail(`internal error: ${(e as Error).message}`, false);
+    const { reason, permanent } = classify(deps, e, inboundId);
+    return fail(reason, permanent);
   }
 }
 
-/** Stores the raw bytes (blob + blobs row) and commits the `received` row, in one statement. */
-async function storeRaw(deps: Deps, raw: Buffer, envelope: Envelope): Promise<{ inboundId: number; sha256: string }> {
-  const { sha256, size } = await deps.blobs.put(raw);
+/** The batch transaction: every raw row in one statement, then each message in turn. */
+async function commitBatch(tx: Tx, deps: Deps, batch: PreparedEmail[]): Promise<IngestResult[]> {
+  const ids = await storeRawRows(tx, batch);
+  const out: IngestResult[] = [];
+  for (let k = 0; k < batch.length; k++) {
+    out.push(await applyEmail(tx, { ...deps, clock: batch[k].clock }, contextOf(batch[k], ids[k])));
+  }
+  return out;
+}
+
+function contextOf(p: PreparedEmail, inboundId: number): IngestContext {
+  return {
+    inboundId,
+    sha256: p.sha256,
+    envelope: p.envelope,
+    parsed: p.parsed!,
+    message: p.message!,
+    files: p.files,
+    auth: p.auth,
+    quiet: p.mode === 'import',
+  };
+}
+
+/** Why an ingest failed, and whether retrying can help (internal errors are logged). */
+function classify(deps: Deps, e: unknown, inboundId: number | null): { reason: string; permanent: boolean } {
+  if (e instanceof Unprocessable) return { reason: e.message, permanent: true };
+  if (e instanceof AppError && e.status < 500) return { reason: `${e.message} (${e.code})`, permanent: true };
+  if (isDataError(e)) return { reason: `the message's content could not be stored: ${(e as Error).message}`, permanent: true };
+  deps.log.error({ err: e, inboundId }, 'inbound email ingest failed');
+  return { reason: `internal error: ${(e as Error).message}`, permanent: false };
+}
+
+/** Records a raw message (already in the blob store): blobs row and the `received` row, committed, in one statement. */
+async function storeRaw(deps: Deps, sha256: string, size: number, envelope: Envelope): Promise<number> {
   const r = await sql<{ id: number }>`
     with b as (insert into blobs (sha256, size, content_type) values (${sha256}, ${size}, 'message/rfc822') on conflict do nothing)
     insert into inbound_emails (raw_sha256, mail_from, rcpt_to, remote_ip, helo, status)
     values (${sha256}, ${envelope.mailFrom}, ${envelope.rcptTo}::text[], ${envelope.remoteIp}, ${envelope.helo}, 'received')
     returning id`.execute(deps.db.kysely);
-  return { inboundId: r.rows[0].id, sha256 };
+  return r.rows[0].id;
+}
+
+/** The raw rows of a batch in one statement (arrays: the statement text is the same for any batch size); their ids in batch order. */
+async function storeRawRows(tx: Tx, batch: PreparedEmail[]): Promise<number[]> {
+  const r = await sql<{ id: number }>`
+    with b as (insert into blobs (sha256, size, content_type)
+                 select distinct t.s, t.z, 'message/rfc822' from unnest(${batch.map((p) => p.sha256)}::text[], ${batch.map((p) => p.raw.length)}::bigint[]) as t(s, z)
+                 on conflict do nothing)
+    insert into inbound_emails (raw_sha256, mail_from, rcpt_to, remote_ip, helo, status)
+    select t.s, t.f, array(select jsonb_array_elements_text(t.r)), t.ip, t.h, 'received'
+      from unnest(${batch.map((p) => p.sha256)}::text[], ${batch.map((p) => p.envelope.mailFrom)}::text[],
+                  ${batch.map((p) => JSON.stringify(p.envelope.rcptTo))}::jsonb[], ${batch.map((p) => p.envelope.remoteIp)}::text[],
+                  ${batch.map((p) => p.envelope.helo)}::text[]) with ordinality as t(s, f, r, ip, h, o)
+     order by t.o
+    returning id`.execute(tx);
+  // One statement draws the ids from the sequence in insertion order (the ORDER BY).
+  const ids = r.rows.map((x) => Number(x.id)).sort((a, b) => a - b);
+  if (ids.length !== batch.length) throw new Error(`inserted ${ids.length} inbound rows for ${batch.length} messages`);
+  return ids;
 }
 
 /** Attachments and inline parts written to the blob store (rows are inserted in the transaction). */
@@ -444,82 +566,98 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
     source: c.message.source,
   };
 
-  // Lock every target conversation first, in id order (no deadlock with other writers).
+  // Lock every target conversation first, in id order (no deadlock with other writers),
+  // with the sender's participation in each: one statement.
   const targetIds = [...targets.keys()].sort((a, b) => a - b);
-  for (const convId of targetIds) {
-    const row = await lockConversation(tx, targets.get(convId)!.key);
-    if (!row) throw new Error(`conversation ${convId} vanished`);
-  }
-  for (const convId of targetIds) {
-    const t = targets.get(convId)!;
-    let row = (await lockConversation(tx, t.key))!;
-    const me = await tx
-      .selectFrom('participants')
-      .select(['removed_id'])
-      .where('conv_id', '=', convId)
-      .where('address', '=', sender)
-      .executeTakeFirst();
-    if (me && me.removed_id !== null) {
-      throw new Unprocessable(`the sender ${sender} was removed from conversation ${t.key} and cannot add to it`);
+  const lockedRows = targetIds.length
+    ? await tx
+        .selectFrom('conversations as c')
+        .leftJoin('participants as p', (j) => j.onRef('p.conv_id', '=', 'c.id').on('p.address', '=', sender))
+        .selectAll('c')
+        .select(['p.address as sender_address', 'p.removed_id as sender_removed_id'])
+        .where(sql<boolean>`c.id = any(${targetIds}::bigint[])`)
+        .orderBy('c.id')
+        .forUpdate('c')
+        .execute()
+    : [];
+  const lockedById = new Map(lockedRows.map((r) => [r.id, r]));
+  try {
+    for (const convId of targetIds) {
+      const t = targets.get(convId)!;
+      const locked = lockedById.get(convId);
+      if (!locked) throw new Error(`conversation ${convId} vanished`);
+      const { sender_address: senderAddress, sender_removed_id: senderRemovedId, ...conv } = locked;
+      let row: ConversationRow = conv;
+      if (senderAddress !== null && senderRemovedId !== null) {
+        throw new Unprocessable(`the sender ${sender} was removed from conversation ${t.key} and cannot add to it`);
+      }
+      if (senderAddress === null) {
+        const adder = await chooseAdder(tx, row, t.locals);
+        // The sender has the email they wrote; the others hear of them through the message:
+        // no outbound email (suppressEmails), and withdrawn below should anything slip through.
+        suppressEmails(tx, 'all');
+        const { actions } = await appendActions(tx, deps, row, adder, [{ act: 'participant:add', participant: sender, perms: 'write' }]);
+        for (const a of actions) quiet.push([convId, a.id]);
+        row = await tx.selectFrom('conversations').selectAll().where('id', '=', convId).executeTakeFirstOrThrow();
+      }
+      // An imported message emails nobody; organisation routing (a contact's reply) still applies.
+      suppressEmails(tx, c.quiet ? 'smtp' : null);
+      const { actions } = await appendActions(tx, deps, row, sender, [messageInput]);
+      const added = actions[0];
+      if (c.quiet) quiet.push([convId, added.id]);
+      recorded.push([convId, added.id]);
+      threaded.push(t.key);
+      firstConv ??= convId;
     }
-    if (!me) {
-      const adder = await chooseAdder(tx, row, t.locals);
-      const { actions } = await appendActions(tx, deps, row, adder, [{ act: 'participant:add', participant: sender, perms: 'write' }]);
-      // The sender has the email they wrote; the others hear of them through the message.
-      for (const a of actions) quiet.push([convId, a.id]);
-      row = (await lockConversation(tx, t.key))!;
+
+    if (remaining.length > 0) {
+      const covered = new Set([...done, ...[...targets.values()].flatMap((t) => t.locals)]);
+      const headerAddresses = uniq([...parsed.to, ...parsed.cc].map((m) => m.address)).filter((a) => replyKeyOf(deps, a) === null);
+      const headerLocals = headerAddresses.filter((a) => isLocalAddress(deps, a) && !remaining.includes(a));
+      const existing = headerLocals.length
+        ? new Set((await tx.selectFrom('users').select('address').where('address', 'in', headerLocals).execute()).map((u) => u.address))
+        : new Set<string>();
+      const warnings: string[] = [];
+      let participants = uniq([
+        ...headerAddresses.filter((a) => !isLocalAddress(deps, a) || (existing.has(a) && !covered.has(a))),
+        ...remaining,
+      ]).filter((a) => a !== sender);
+      const max = LIMITS.participants - 1;
+      if (participants.length > max) {
+        // Keep the local recipients; drop header addresses beyond the limit.
+        const keep = new Set(remaining);
+        const others = participants.filter((a) => !keep.has(a)).slice(0, Math.max(0, max - keep.size));
+        warnings.push(`The message has ${participants.length + 1} addresses; only ${others.length + keep.size + 1} became participants`);
+        participants = [...others, ...remaining.filter((a) => a !== sender)];
+      }
+      let subject = storableText(parsed.subject);
+      if (subject.length > LIMITS.subjectChars) {
+        warnings.push(`The subject is longer than ${LIMITS.subjectChars} characters and was cut`);
+        subject = subject.slice(0, LIMITS.subjectChars);
+      }
+      const source: ActionSource = warnings.length ? { ...c.message.source, warnings: [...(c.message.source.warnings ?? []), ...warnings] } : c.message.source;
+      // Nobody is emailed for a conversation started by an email: its recipients have it.
+      suppressEmails(tx, 'all');
+      const r = await insertNewConversation(tx, deps, {
+        creator: sender,
+        subject,
+        participants: participants.map((address) => ({ address, perms: 'write' as const })),
+        messages: [{ body: c.message.body, ...(c.files.length ? { files: c.files } : {}), source }],
+        publish: true,
+      });
+      const added = r.actions.find((a) => a.act === 'message:add')!;
+      for (const a of r.actions) quiet.push([r.id, a.id]);
+      recorded.push([r.id, added.id]);
+      created.push(r.key);
+      firstConv ??= r.id;
     }
-    const { actions } = await appendActions(tx, deps, row, sender, [messageInput]);
-    const added = actions[0];
-    if (c.quiet) quiet.push([convId, added.id]);
-    recorded.push([convId, added.id]);
-    threaded.push(t.key);
-    firstConv ??= convId;
+  } finally {
+    suppressEmails(tx, null);
   }
 
-  if (remaining.length > 0) {
-    const covered = new Set([...done, ...[...targets.values()].flatMap((t) => t.locals)]);
-    const headerAddresses = uniq([...parsed.to, ...parsed.cc].map((m) => m.address)).filter((a) => replyKeyOf(deps, a) === null);
-    const headerLocals = headerAddresses.filter((a) => isLocalAddress(deps, a) && !remaining.includes(a));
-    const existing = headerLocals.length
-      ? new Set((await tx.selectFrom('users').select('address').where('address', 'in', headerLocals).execute()).map((u) => u.address))
-      : new Set<string>();
-    const warnings: string[] = [];
-    let participants = uniq([
-      ...headerAddresses.filter((a) => !isLocalAddress(deps, a) || (existing.has(a) && !covered.has(a))),
-      ...remaining,
-    ]).filter((a) => a !== sender);
-    const max = LIMITS.participants - 1;
-    if (participants.length > max) {
-      // Keep the local recipients; drop header addresses beyond the limit.
-      const keep = new Set(remaining);
-      const others = participants.filter((a) => !keep.has(a)).slice(0, Math.max(0, max - keep.size));
-      warnings.push(`The message has ${participants.length + 1} addresses; only ${others.length + keep.size + 1} became participants`);
-      participants = [...others, ...remaining.filter((a) => a !== sender)];
-    }
-    let subject = storableText(parsed.subject);
-    if (subject.length > LIMITS.subjectChars) {
-      warnings.push(`The subject is longer than ${LIMITS.subjectChars} characters and was cut`);
-      subject = subject.slice(0, LIMITS.subjectChars);
-    }
-    const source: ActionSource = warnings.length ? { ...c.message.source, warnings: [...(c.message.source.warnings ?? []), ...warnings] } : c.message.source;
-    const r = await insertNewConversation(tx, deps, {
-      creator: sender,
-      subject,
-      participants: participants.map((address) => ({ address, perms: 'write' as const })),
-      messages: [{ body: c.message.body, ...(c.files.length ? { files: c.files } : {}), source }],
-      publish: true,
-    });
-    const added = r.actions.find((a) => a.act === 'message:add')!;
-    // Nobody is emailed for a conversation started by an email: its recipients have it.
-    for (const a of r.actions) quiet.push([r.id, a.id]);
-    recorded.push([r.id, added.id]);
-    created.push(r.key);
-    firstConv ??= r.id;
-  }
-
-  // One statement: withdraw the outbound emails of the quiet actions, record the
-  // Message-ID, mark the raw message ingested.
+  // One statement: withdraw any outbound email of the quiet actions (organisation routing
+  // is the only thing that can still create one), record the Message-ID, mark the raw
+  // message ingested.
   const inConv = mid === null ? [] : recorded.map(([conv]) => conv);
   const inAction = mid === null ? [] : recorded.map(([, id]) => id);
   await sql`

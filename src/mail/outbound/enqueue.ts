@@ -32,12 +32,31 @@ export interface EmailDeliveryPayload {
 }
 
 /**
+ * What {@link enqueueEmails} leaves out while set on a transaction (see {@link suppressEmails}):
+ * `all` — nothing at all; `smtp` — the automatic emails only (organisation routing still runs).
+ */
+export type EmailSuppression = 'all' | 'smtp';
+const suppressed = new WeakMap<object, EmailSuppression>();
+
+/**
+ * Until called again, actions appended in `tx` create no outbound email (`all`), or no
+ * automatic email while organisation routing still runs (`smtp`); `null` restores normal
+ * behaviour. Used by the email bridge (src/mail/inbound/ingest-email.ts) for actions
+ * nobody must be emailed about — a conversation started by an email, the sender added to
+ * one, anything imported — so that no delivery row is created only to be withdrawn.
+ */
+export function suppressEmails(tx: Tx, mode: EmailSuppression | null): void {
+  if (mode === null) suppressed.delete(tx);
+  else suppressed.set(tx, mode);
+}
+
+/**
  * Creates, in the writing transaction, one `smtp` delivery row per email participant and
  * per action they should hear of (the transactional outbox), and records the outgoing
  * Message-IDs for threading replies. Email participants are participants whose domain is
  * not served here (until federation finds their platform). Nothing is sent for drafts;
  * the actor never gets their own action; recipients of an inbound email are not sent
- * Parley's copy of that same email.
+ * Parley's copy of that same email; nothing while {@link suppressEmails} says so.
  */
 export async function enqueueEmails(
   tx: Tx,
@@ -48,6 +67,8 @@ export async function enqueueEmails(
   wasPublished: boolean,
 ): Promise<void> {
   const h = s.header!;
+  const suppression = suppressed.get(tx);
+  if (suppression === 'all') return; // see suppressEmails
   let emailParticipants = [...s.participants.values()].filter((p) => !isLocalAddress(deps, p.address));
   if (emailParticipants.length === 0) return; // nobody on email (an organisation's contact always is)
   // Organisation conversations (issue 4 §5, docs/organisations.md): the contact is reached
@@ -55,7 +76,7 @@ export async function enqueueEmails(
   // are enqueued there instead; other email participants are emailed as usual.
   const routed = await routeOrganisationActions(tx, deps, convId, s, actions, wasPublished);
   if (routed) emailParticipants = emailParticipants.filter((p) => !routed.has(p.address));
-  if (emailParticipants.length === 0) return;
+  if (emailParticipants.length === 0 || suppression === 'smtp') return;
   const domain = primaryDomain(deps);
   const expiresAt = new Date(deps.clock.now() + deps.config.deliveryMaxAgeHours * 3600_000);
   const rows: {
