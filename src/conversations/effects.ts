@@ -5,6 +5,7 @@ import type { ConversationState } from '../core/reducer.ts';
 import type { Deps } from '../context.ts';
 import type { Tx } from '../store/db.ts';
 import { appendEvents, type NewEvent } from '../streams/store.ts';
+import { type RowWriter, writeRows } from '../store/group-commit.ts';
 import { enqueueEmails } from '../mail/outbound/enqueue.ts';
 
 interface LocalParticipant extends UserFlags {
@@ -22,6 +23,35 @@ export interface KnownParticipants {
   rows: Map<string, { user_id: number | null } & UserFlags>;
   newUserIds: Map<string, number>;
 }
+
+/** Flags of one participant that actions changed (null: unchanged). */
+interface FlagsRow {
+  conv_id: number;
+  address: string;
+  inbox: boolean | null;
+  seen: boolean | null;
+  last_event_ts: string | null;
+}
+
+const flagsWriter: RowWriter<FlagsRow> = {
+  name: 'update participant flags',
+  write: async (tx, rows) => {
+    await sql`
+      update participants p set inbox = coalesce(r.inbox, p.inbox), seen = coalesce(r.seen, p.seen), last_event_ts = r.last_event_ts
+        from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb) as r(conv_id bigint, address text, inbox boolean, seen boolean, last_event_ts timestamptz)
+       where p.conv_id = r.conv_id and p.address = r.address`.execute(tx);
+  },
+};
+
+const snapshotsWriter: RowWriter<{ conv_id: number; address: string; snapshot: unknown }> = {
+  name: 'update participant snapshots',
+  write: async (tx, rows) => {
+    await sql`
+      update participants p set snapshot = r.snapshot
+        from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb) as r(conv_id bigint, address text, snapshot jsonb)
+       where p.conv_id = r.conv_id and p.address = r.address`.execute(tx);
+  },
+};
 
 /**
  * Who of the local participants may see action `a`: a participant sees the actions from
@@ -83,30 +113,23 @@ export async function recordEffects(
       changed.set(p.address, delta);
     }
   }
-  if (changed.size > 0) {
-    // Only the flags these actions changed are written (coalesce keeps the rest), so a
-    // concurrent archive or mute by the user is never overwritten with a stale value.
-    const addresses = [...changed.keys()];
-    const deltas = [...changed.values()];
-    await sql`
-      update participants p set inbox = coalesce(v.inbox, p.inbox), seen = coalesce(v.seen, p.seen), last_event_ts = ${h.last_ts}
-        from (select * from unnest(${addresses}::text[], ${deltas.map((d) => d.inbox)}::bool[], ${deltas.map((d) => d.seen)}::bool[])
-              as t(address, inbox, seen)) v
-       where p.conv_id = ${convId} and p.address = v.address`.execute(tx);
-  }
+  // Only the flags these actions changed are written (coalesce keeps the rest), so a
+  // concurrent archive or mute by the user is never overwritten with a stale value.
+  await writeRows(
+    tx,
+    flagsWriter,
+    [...changed].map(([address, d]) => ({ conv_id: convId, address, inbox: d.inbox, seen: d.seen, last_event_ts: h.last_ts })),
+  );
   const removedLocals = actions
     .filter((a) => a.act === 'participant:remove' && locals.some((p) => p.address === a.participant))
     .map((a) => a.participant!);
-  if (removedLocals.length > 0) {
-    // What a removed participant's list shows from now on: the conversation as at the removal.
-    const snapshot = JSON.stringify({ subject: h.subject, last_ts: h.last_ts, message_count: h.message_count });
-    await tx
-      .updateTable('participants')
-      .set({ snapshot })
-      .where('conv_id', '=', convId)
-      .where('address', 'in', removedLocals)
-      .execute();
-  }
+  // What a removed participant's list shows from now on: the conversation as at the removal.
+  const snapshot = { subject: h.subject, last_ts: h.last_ts, message_count: h.message_count };
+  await writeRows(
+    tx,
+    snapshotsWriter,
+    removedLocals.map((address) => ({ conv_id: convId, address, snapshot })),
+  );
   await appendEvents(tx, events);
   await enqueueEmails(tx, deps, convId, s, actions, wasPublished);
 }

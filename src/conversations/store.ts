@@ -9,6 +9,7 @@ import {
   emptyState,
 } from '../core/reducer.ts';
 import type { Queryable, Tx } from '../store/db.ts';
+import { type RowWriter, writeRows } from '../store/group-commit.ts';
 import type { ConversationsTable, ParticipantsTable } from '../store/schema.ts';
 import type { Selectable } from 'kysely';
 
@@ -185,9 +186,169 @@ export async function insertConversation(
   return r.id;
 }
 
+/** A row of `actions` as {@link persistState} writes it. */
+interface ActionRow {
+  conv_id: number;
+  id: number;
+  act: string;
+  actor: string;
+  ts: string;
+  component: string | null;
+  hash: string;
+  body: Action;
+}
+
+const actionsWriter: RowWriter<ActionRow> = {
+  name: 'insert actions',
+  write: async (tx, rows) => {
+    await sql`
+      insert into actions (conv_id, id, act, actor, ts, component, hash, body)
+      select r.conv_id, r.id, r.act, r.actor, r.ts, r.component, r.hash, r.body
+        from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb)
+          as r(conv_id bigint, id integer, act text, actor text, ts timestamptz, component text, hash text, body jsonb)`.execute(tx);
+  },
+};
+
+/** A row of `messages` (with the file names its search vector indexes). */
+interface MessageRow {
+  conv_id: number;
+  id: number;
+  author: string;
+  body: string;
+  format: string;
+  parent: number | null;
+  files: FileRef[];
+  file_names: string[];
+  created_ts: string;
+  updated_ts: string | null;
+  deleted: boolean;
+  head: number;
+  lock_by: string | null;
+  lock_at: string | null;
+  lock_id: number | null;
+  source: unknown;
+}
+
+const messagesWriter: RowWriter<MessageRow> = {
+  name: 'upsert messages',
+  write: async (tx, rows) => {
+    // Search tokens: src/store/migrations/002_search.sql (body, author address, file names).
+    await sql`
+      insert into messages (conv_id, id, author, body, format, parent, files, created_ts, updated_ts, deleted, head, lock_by, lock_at, lock_id, source, search)
+      select r.conv_id, r.id, r.author, r.body, r.format, r.parent, r.files, r.created_ts, r.updated_ts, r.deleted, r.head,
+             r.lock_by, r.lock_at, r.lock_id, r.source, parley_message_search(r.author, left(r.body, 200000), r.file_names)
+        from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb)
+          as r(conv_id bigint, id integer, author text, body text, format text, parent integer, files jsonb, file_names text[],
+               created_ts timestamptz, updated_ts timestamptz, deleted boolean, head integer, lock_by text, lock_at timestamptz,
+               lock_id integer, source jsonb)
+      on conflict (conv_id, id) do update set
+        body = excluded.body, format = excluded.format, files = excluded.files, updated_ts = excluded.updated_ts,
+        deleted = excluded.deleted, head = excluded.head, lock_by = excluded.lock_by, lock_at = excluded.lock_at,
+        lock_id = excluded.lock_id, search = excluded.search`.execute(tx);
+  },
+};
+
+/** A row of `attachments`: one file of a message. */
+interface AttachmentRow {
+  conv_id: number;
+  message_id: number;
+  ordinal: number;
+  sha256: string;
+  name: string;
+  content_type: string;
+  size: number;
+  content_id: string | null;
+  inline: boolean;
+}
+
+const attachmentsWriter: RowWriter<AttachmentRow> = {
+  name: 'insert attachments',
+  write: async (tx, rows) => {
+    await sql`
+      insert into attachments (conv_id, message_id, ordinal, sha256, name, content_type, size, content_id, inline)
+      select r.conv_id, r.message_id, r.ordinal, r.sha256, r.name, r.content_type, r.size, r.content_id, r.inline
+        from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb)
+          as r(conv_id bigint, message_id integer, ordinal integer, sha256 text, name text, content_type text, size bigint,
+               content_id text, inline boolean)
+      on conflict do nothing`.execute(tx);
+  },
+};
+
+/** A row of `participants` as the log defines it (the user's flags are effects.ts's). */
+interface ParticipantRow {
+  conv_id: number;
+  address: string;
+  user_id: number | null;
+  perms: string;
+  added_id: number;
+  head: number;
+  removed_id: number | null;
+  seen_id: number;
+  last_event_ts: string | null;
+}
+
+const participantsWriter: RowWriter<ParticipantRow> = {
+  name: 'upsert participants',
+  write: async (tx, rows) => {
+    await sql`
+      insert into participants (conv_id, address, user_id, perms, added_id, head, removed_id, seen_id, last_event_ts)
+      select r.conv_id, r.address, r.user_id, r.perms, r.added_id, r.head, r.removed_id, r.seen_id, r.last_event_ts
+        from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb)
+          as r(conv_id bigint, address text, user_id bigint, perms text, added_id integer, head integer, removed_id integer,
+               seen_id integer, last_event_ts timestamptz)
+      on conflict (conv_id, address) do update set
+        perms = excluded.perms, head = excluded.head, removed_id = excluded.removed_id, seen_id = excluded.seen_id`.execute(tx);
+  },
+};
+
+/** The header columns of `conversations` after a batch, and whether its search header changes. */
+interface ConversationUpdate {
+  id: number;
+  key: string;
+  creator: string;
+  published: boolean;
+  published_at: string | null;
+  subject: string;
+  subject_head: number;
+  subject_lock_by: string | null;
+  subject_lock_at: string | null;
+  subject_lock_id: number | null;
+  expiry: string | null;
+  expiry_head: number;
+  last_id: number;
+  last_hash: string | null;
+  last_ts: string | null;
+  message_count: number;
+  /** Every participant's address when the search header must be rebuilt, else null. */
+  search_addresses: string[] | null;
+}
+
+const conversationsWriter: RowWriter<ConversationUpdate> = {
+  name: 'update conversations',
+  write: async (tx, rows) => {
+    // Search header: subject and every participant's address (src/store/migrations/002_search.sql).
+    await sql`
+      update conversations c set
+        key = r.key, creator = r.creator, published = r.published, published_at = r.published_at, subject = r.subject,
+        subject_head = r.subject_head, subject_lock_by = r.subject_lock_by, subject_lock_at = r.subject_lock_at,
+        subject_lock_id = r.subject_lock_id, expiry = r.expiry, expiry_head = r.expiry_head, last_id = r.last_id,
+        last_hash = r.last_hash, last_ts = r.last_ts, message_count = r.message_count,
+        search_header = case when r.search_addresses is null then c.search_header
+                             else parley_search_header(r.subject, r.search_addresses) end
+        from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb)
+          as r(id bigint, key text, creator text, published boolean, published_at timestamptz, subject text, subject_head integer,
+               subject_lock_by text, subject_lock_at timestamptz, subject_lock_id integer, expiry timestamptz,
+               expiry_head integer, last_id integer, last_hash text, last_ts timestamptz, message_count integer,
+               search_addresses text[])
+       where c.id = r.id`.execute(tx);
+  },
+};
+
 /**
  * Persists new actions and everything the reducer touched: the actions rows, messages
- * (with their search vectors and attachments), participants, and the header.
+ * (with their search vectors and attachments), participants, and the header — one
+ * set-based statement per table, written now or, in a group transaction
+ * (src/store/group-commit.ts), together with the other units' rows just before COMMIT.
  * `userIds` maps local participant addresses to user ids (set on new participant rows).
  */
 export async function persistState(
@@ -198,64 +359,47 @@ export async function persistState(
   userIds: Map<string, number>,
 ): Promise<void> {
   const h = s.header!;
-  if (actions.length > 0) {
-    await tx
-      .insertInto('actions')
-      .values(
-        actions.map((a) => ({
-          conv_id: convId,
-          id: a.id,
-          act: a.act,
-          actor: a.actor,
-          ts: a.ts,
-          component: componentOf(a, s),
-          hash: a.hash,
-          body: JSON.stringify(a),
-        })),
-      )
-      .execute();
-  }
+  await writeRows(
+    tx,
+    actionsWriter,
+    actions.map((a) => ({
+      conv_id: convId,
+      id: a.id,
+      act: a.act,
+      actor: a.actor,
+      ts: a.ts,
+      component: componentOf(a, s),
+      hash: a.hash,
+      body: a,
+    })),
+  );
   const msgs = [...s.touched.messages].map((id) => s.messages.get(id)!);
-  if (msgs.length > 0) {
-    await tx
-      .insertInto('messages')
-      .values(
-        msgs.map((m) => ({
-          conv_id: convId,
-          id: m.id,
-          author: m.author,
-          body: m.body,
-          format: m.format,
-          parent: m.parent,
-          files: JSON.stringify(m.files),
-          created_ts: m.created_ts,
-          updated_ts: m.updated_ts,
-          deleted: m.deleted,
-          head: m.head,
-          lock_by: m.lock?.by ?? null,
-          lock_at: m.lock?.at ?? null,
-          lock_id: m.lock?.id ?? null,
-          source: m.source ? JSON.stringify(m.source) : null,
-          // Tokens: src/store/migrations/002_search.sql (body, author address, file names).
-          search: sql`parley_message_search(${m.author}, ${m.body.slice(0, 200_000)}, ${m.files.map((f) => f.name)}::text[])`,
-        })),
-      )
-      .onConflict((oc) =>
-        oc.columns(['conv_id', 'id']).doUpdateSet((eb) => ({
-          body: eb.ref('excluded.body'),
-          format: eb.ref('excluded.format'),
-          files: eb.ref('excluded.files'),
-          updated_ts: eb.ref('excluded.updated_ts'),
-          deleted: eb.ref('excluded.deleted'),
-          head: eb.ref('excluded.head'),
-          lock_by: eb.ref('excluded.lock_by'),
-          lock_at: eb.ref('excluded.lock_at'),
-          lock_id: eb.ref('excluded.lock_id'),
-          search: eb.ref('excluded.search'),
-        })),
-      )
-      .execute();
-    const files = msgs.flatMap((m) =>
+  await writeRows(
+    tx,
+    messagesWriter,
+    msgs.map((m) => ({
+      conv_id: convId,
+      id: m.id,
+      author: m.author,
+      body: m.body,
+      format: m.format,
+      parent: m.parent,
+      files: m.files,
+      file_names: m.files.map((f) => f.name),
+      created_ts: m.created_ts,
+      updated_ts: m.updated_ts,
+      deleted: m.deleted,
+      head: m.head,
+      lock_by: m.lock?.by ?? null,
+      lock_at: m.lock?.at ?? null,
+      lock_id: m.lock?.id ?? null,
+      source: m.source ?? null,
+    })),
+  );
+  await writeRows(
+    tx,
+    attachmentsWriter,
+    msgs.flatMap((m) =>
       m.files.map((f, i) => ({
         conv_id: convId,
         message_id: m.id,
@@ -267,42 +411,28 @@ export async function persistState(
         content_id: f.content_id ?? null,
         inline: f.inline ?? false,
       })),
-    );
-    if (files.length > 0) {
-      await tx.insertInto('attachments').values(files).onConflict((oc) => oc.doNothing()).execute();
-    }
-  }
+    ),
+  );
   const parts = [...s.touched.participants].map((a) => s.participants.get(a)!);
-  if (parts.length > 0) {
-    await tx
-      .insertInto('participants')
-      .values(
-        parts.map((p: ParticipantState) => ({
-          conv_id: convId,
-          address: p.address,
-          user_id: userIds.get(p.address) ?? null,
-          perms: p.perms,
-          added_id: p.added_id,
-          head: p.head,
-          removed_id: p.removed_id,
-          seen_id: p.seen_id,
-          last_event_ts: h.last_ts,
-        })),
-      )
-      .onConflict((oc) =>
-        oc.columns(['conv_id', 'address']).doUpdateSet((eb) => ({
-          perms: eb.ref('excluded.perms'),
-          head: eb.ref('excluded.head'),
-          removed_id: eb.ref('excluded.removed_id'),
-          seen_id: eb.ref('excluded.seen_id'),
-        })),
-      )
-      .execute();
-  }
-  const participantsChanged = parts.length > 0;
-  await tx
-    .updateTable('conversations')
-    .set({
+  await writeRows(
+    tx,
+    participantsWriter,
+    parts.map((p: ParticipantState) => ({
+      conv_id: convId,
+      address: p.address,
+      user_id: userIds.get(p.address) ?? null,
+      perms: p.perms,
+      added_id: p.added_id,
+      head: p.head,
+      removed_id: p.removed_id,
+      seen_id: p.seen_id,
+      last_event_ts: h.last_ts,
+    })),
+  );
+  const searchChanged = parts.length > 0 || actions.some((a) => a.act === 'subject:modify' || a.act === 'conv:create');
+  await writeRows(tx, conversationsWriter, [
+    {
+      id: convId,
       key: h.key,
       creator: h.creator,
       published: h.published,
@@ -318,15 +448,9 @@ export async function persistState(
       last_hash: h.last_hash,
       last_ts: h.last_ts,
       message_count: h.message_count,
-      ...(participantsChanged || actions.some((a) => a.act === 'subject:modify' || a.act === 'conv:create')
-        ? {
-            // Subject and every participant's address (src/store/migrations/002_search.sql).
-            search_header: sql`parley_search_header(${h.subject}, ${[...s.participants.keys()]}::text[])`,
-          }
-        : {}),
-    })
-    .where('id', '=', convId)
-    .execute();
+      search_addresses: searchChanged ? [...s.participants.keys()] : null,
+    },
+  ]);
 }
 
 /** Actions of a conversation with ids in [from, to], in order. */

@@ -1,0 +1,87 @@
+/**
+ * Group commit (src/store/group-commit.ts): units of different keys share a transaction and
+ * buffer their row writes until just before COMMIT; a failing unit gets its own error and
+ * costs the others nothing; units of one key run one after the other.
+ */
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { sql } from 'kysely';
+import { type Db, openDb } from '../../src/store/db.ts';
+import { type RowWriter, groupTransaction, writeRows } from '../../src/store/group-commit.ts';
+import { createTestDatabase } from '../support/db.ts';
+
+describe('groupTransaction', () => {
+  let db: Db;
+  let drop: () => Promise<void>;
+  before(async () => {
+    const t = await createTestDatabase();
+    drop = t.drop;
+    db = openDb(t.url, 4);
+    await sql`create table items (k text not null, n integer not null, txid bigint not null, primary key (k, n))`.execute(db.kysely);
+  });
+  after(async () => {
+    await db.close();
+    await drop();
+  });
+
+  const itemsWriter: RowWriter<{ k: string; n: number }> = {
+    name: 'insert items',
+    write: async (tx, rows) => {
+      await sql`insert into items (k, n, txid)
+                select r.k, r.n, txid_current() from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb) as r(k text, n integer)`.execute(tx);
+    },
+  };
+
+  /** A unit that appends item `last + 1` of `key`, reading what committed before it. */
+  const appendItem = (key: string, opts: { fail?: boolean } = {}) =>
+    groupTransaction(db, key, async (tx) => {
+      const r = await sql<{ n: number | null }>`select max(n) as n from items where k = ${key}`.execute(tx);
+      const n = (r.rows[0].n ?? 0) + 1;
+      if (opts.fail) throw new Error(`refused ${key}`);
+      await writeRows(tx, itemsWriter, [{ k: key, n }]);
+      return n;
+    });
+
+  it('commits concurrent units of different keys together, each with its own result', async () => {
+    const keys = Array.from({ length: 20 }, (_, i) => `a${i}`);
+    const results = await Promise.all(keys.map((k) => appendItem(k)));
+    assert.deepEqual(results, keys.map(() => 1));
+    const rows = await sql<{ k: string; txid: number }>`select k, txid from items where k like 'a%'`.execute(db.kysely);
+    assert.equal(rows.rows.length, 20);
+    const transactions = new Set(rows.rows.map((r) => r.txid)).size;
+    assert.ok(transactions < 20, `20 units shared ${transactions} transactions`);
+  });
+
+  it('runs units of one key in turn: each sees what the previous committed', async () => {
+    const results = await Promise.all(Array.from({ length: 10 }, () => appendItem('same')));
+    assert.deepEqual([...results].sort((x, y) => x - y), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+  });
+
+  it('gives a failing unit its error and commits the others', async () => {
+    const outcomes = await Promise.allSettled([appendItem('f1'), appendItem('f2', { fail: true }), appendItem('f3'), appendItem('f4')]);
+    assert.deepEqual(
+      outcomes.map((o) => o.status),
+      ['fulfilled', 'rejected', 'fulfilled', 'fulfilled'],
+    );
+    assert.match(String((outcomes[1] as PromiseRejectedResult).reason), /refused f2/);
+    const keys = (await sql<{ k: string }>`select k from items where k like 'f%' order by k`.execute(db.kysely)).rows.map((r) => r.k);
+    assert.deepEqual(keys, ['f1', 'f3', 'f4']);
+  });
+
+  it('finds the unit whose buffered rows fail at COMMIT time and commits the rest', async () => {
+    await sql`insert into items (k, n, txid) values ('dup', 1, 0)`.execute(db.kysely);
+    // This unit writes a row that already exists; the failure shows only when the buffered rows are written.
+    const clash = groupTransaction(db, 'dup', async (tx) => {
+      await writeRows(tx, itemsWriter, [{ k: 'dup', n: 1 }]);
+      return 'written';
+    });
+    const outcomes = await Promise.allSettled([appendItem('g1'), clash, appendItem('g2')]);
+    assert.deepEqual(
+      outcomes.map((o) => o.status),
+      ['fulfilled', 'rejected', 'fulfilled'],
+    );
+    assert.equal((outcomes[1] as PromiseRejectedResult).reason.code, '23505');
+    const keys = (await sql<{ k: string }>`select k from items where k like 'g%' order by k`.execute(db.kysely)).rows.map((r) => r.k);
+    assert.deepEqual(keys, ['g1', 'g2']);
+  });
+});
