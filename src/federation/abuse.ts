@@ -12,7 +12,7 @@
  *   budget. Beyond it: `429 rate_limited` with `Retry-After` (seconds);
  * - **body size**: federation bodies up to `PARLEY_FEDERATION_MAX_BODY_BYTES` (10 MiB by
  *   default), `413 too_large` beyond, refused from Content-Length before the body is read;
- * - **batches**: at most {@link MAX_BATCH_ACTIONS} actions per push or proposal (`413 too_large`);
+ * - **batches**: at most {@link MAX_BATCH_ACTIONS} actions per push or proposal (`413 batch_too_large`);
  * - **who may submit what** ({@link checkBatch}): a push comes from the conversation's leader
  *   only; a proposal carries only actions whose actors are users of the proposing platform
  *   (the origin rule, runtime.ts actorOriginCheck) and active participants of the
@@ -27,12 +27,12 @@ import { type Deps, isLocalAddress, primaryDomain } from '../context.ts';
 import type { Action } from '../core/actions.ts';
 import type { ConversationState } from '../core/reducer.ts';
 import type { Config } from '../platform/config.ts';
-import { AppError, badRequest, forbidden, tooLarge, tooManyRequests } from '../platform/errors.ts';
+import { AppError, badRequest, conflict, forbidden, tooLarge, tooManyRequests } from '../platform/errors.ts';
 import { parseActionSig } from './action-signatures.ts';
 import { type VerifiedPeer, parseKeyId } from './http-signatures.ts';
 import { actorOriginCheck, federationOf } from './runtime.ts';
 
-/** Most actions in one pushed or proposed batch (issue 3 §9); larger batches get 413 too_large. */
+/** Most actions in one pushed or proposed batch (issue 3 §9); larger batches get 413 batch_too_large. */
 export const MAX_BATCH_ACTIONS = 500;
 
 /** Most remote platforms whose rate-limit buckets one process keeps; the least recently used go first. */
@@ -171,6 +171,10 @@ export function federationAbuseHooks(scope: FastifyInstance, deps: Deps): void {
   });
 }
 
+/** 422 `invalid_log` as the replication endpoints answer it (details `{id, reason, code?}`). */
+const invalidLog = (id: number, reason: string, message: string, code?: string) =>
+  new AppError(422, 'invalid_log', message, { id, reason, ...(code ? { code } : {}) });
+
 /**
  * Which kind of batch {@link checkBatch} looks at: a `push` (leader → replica), a `proposal`
  * (follower → leader) or a `log` page fetched from the leader while joining (checked like a push).
@@ -182,19 +186,22 @@ export type BatchKind = 'push' | 'proposal' | 'log';
  * (issue 3 §9). In order:
  *
  * 1. `actions` is a non-empty array (400 invalid_request) of at most {@link MAX_BATCH_ACTIONS}
- *    (413 too_large, details `{max_actions, actions}`);
- * 2. **push** (`POST …/conversations/{key}/actions`) and **log** pages: `peer` leads the conversation — the
- *    `leader` of the local conversation row, or, for a conversation this platform does not
- *    have yet, the platform whose key signed action 1 (the creator's platform, which
- *    verifyLog's origin rule then proves) — else 403 not_leader, details `{leader}`;
- *    this platform leading it itself is also 403 not_leader;
+ *    (413 batch_too_large, details `{max, actions}`);
+ * 2. **push** (`POST …/conversations/{key}/actions`) and **log** pages: `peer` leads the
+ *    conversation — the `leader` of the local conversation row, or, for a conversation this
+ *    platform does not have yet, the platform whose key signed action 1 (the creator's
+ *    platform, which verifyLog's origin rule then proves) — else 403 not_leader, details
+ *    `{leader}`; this platform leading it itself is also 403 not_leader;
  * 3. **proposal** (`POST …/conversations/{key}/proposals`): this platform leads the
- *    conversation (404 not_found when it has no such conversation, 403 not_leader when another
+ *    conversation (404 not_found when it has no such conversation, 409 not_leader when another
  *    platform leads it); every action's actor is a user of `peer` — its domain is `peer` or
  *    discovery finds `peer` for it, an email participant is bridged (runtime.ts
- *    actorOriginCheck) — else 403 wrong_origin, details `{id, actor}`; and every actor is an
- *    active participant of the conversation now, or is added by an earlier action of
- *    the batch — else 403 not_participant, details `{id, actor}`.
+ *    actorOriginCheck) — else 422 invalid_log, details `{id, reason: "wrong_origin"}`; and
+ *    every actor is an active participant of the conversation now, or is added by an earlier
+ *    action of the batch — else 422 invalid_log, details `{id, reason: "rule_violation",
+ *    code: "not_participant"}`. These are the statuses the replication endpoints give for the
+ *    same faults found later (src/federation/replication.ts, proposals.ts): refusing them here
+ *    only saves the signature checks and blob fetches.
  *
  * Hashes, the chain, signatures and the core rules are verifyLog's (422 invalid_log).
  * @param conv the conversation key of the URL
@@ -203,7 +210,7 @@ export type BatchKind = 'push' | 'proposal' | 'log';
 export async function checkBatch(deps: Deps, peer: string, conv: string, actions: unknown, kind: BatchKind): Promise<void> {
   if (!Array.isArray(actions) || actions.length === 0) throw badRequest('invalid_request', 'actions must be a non-empty array of actions');
   if (actions.length > MAX_BATCH_ACTIONS)
-    throw tooLarge(`a batch holds at most ${MAX_BATCH_ACTIONS} actions; split it`, { max_actions: MAX_BATCH_ACTIONS, actions: actions.length });
+    throw new AppError(413, 'batch_too_large', `a batch holds at most ${MAX_BATCH_ACTIONS} actions; split it`, { max: MAX_BATCH_ACTIONS, actions: actions.length });
   for (const a of actions)
     if (!a || typeof a !== 'object' || Array.isArray(a) || typeof (a as Action).actor !== 'string' || !Number.isInteger((a as Action).id))
       throw badRequest('invalid_request', 'every entry of actions must be an action object with an integer id and an actor');
@@ -228,7 +235,7 @@ export async function checkBatch(deps: Deps, peer: string, conv: string, actions
   }
 
   if (!row || !row.published) throw new AppError(404, 'not_found', `conversation ${conv} not found`);
-  if (row.leader !== self) throw forbidden('not_leader', `${self} does not lead conversation ${conv}; propose to ${row.leader}`, { leader: row.leader });
+  if (row.leader !== self) throw conflict('not_leader', `${self} does not lead conversation ${conv}; propose to ${row.leader}`, { leader: row.leader });
   const fed = federationOf(deps);
   const origin = actorOriginCheck(fed.discovery, { platform: self, domains: deps.config.domains });
   const actors = [...new Set(list.map((a) => a.actor.toLowerCase()))];
@@ -243,9 +250,9 @@ export async function checkBatch(deps: Deps, peer: string, conv: string, actions
   for (const a of list) {
     const actor = a.actor.toLowerCase();
     const why = await origin(a, peer);
-    if (why !== null) throw forbidden('wrong_origin', `action ${a.id}: ${why}; a platform proposes only its own users' actions`, { id: a.id, actor: a.actor });
+    if (why !== null) throw invalidLog(a.id, 'wrong_origin', `action ${a.id}: ${why}; a platform proposes only its own users' actions`);
     if (!active.has(actor))
-      throw forbidden('not_participant', `action ${a.id}: ${a.actor} is not a participant of conversation ${conv}`, { id: a.id, actor: a.actor });
+      throw invalidLog(a.id, 'rule_violation', `action ${a.id}: ${a.actor} is not a participant of conversation ${conv}`, 'not_participant');
     if (a.act === 'participant:add' && typeof a.participant === 'string') active.add(a.participant.toLowerCase());
     if (a.act === 'participant:remove' && typeof a.participant === 'string') active.delete(a.participant.toLowerCase());
   }
@@ -291,7 +298,7 @@ export function checkJoin(deps: Pick<Deps, 'config'>, peer: string, log: readonl
   const leader = log[0]?.id === 1 ? (parseActionSig(log[0].sig)?.platform ?? null) : null;
   if (leader !== peer) throw forbidden('not_leader', `${peer} does not lead conversation ${state.header?.key ?? '?'}`, { leader });
   for (const address of state.participants.keys()) if (isLocalAddress(deps, address)) return;
-  throw forbidden('not_participant', `no user of ${primaryDomain(deps)} is a participant of conversation ${state.header?.key ?? '?'}`, {
+  throw forbidden('no_local_participant', `no user of ${primaryDomain(deps)} is a participant of conversation ${state.header?.key ?? '?'}`, {
     conv: state.header?.key ?? null,
   });
 }

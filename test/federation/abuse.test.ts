@@ -232,7 +232,7 @@ describe('checkBatch and checkJoin: who may submit what', () => {
     try {
       await p;
     } catch (e) {
-      if (e instanceof AppError) return `${e.status} ${e.code}`;
+      if (e instanceof AppError) return [e.status, e.code, e.details?.reason, e.details?.code].filter((x) => x !== undefined).join(' ');
       throw e;
     }
     return 'ok';
@@ -271,20 +271,20 @@ describe('checkBatch and checkJoin: who may submit what', () => {
 
   const act = (actor: string, extra: Partial<Action> = {}) => ({ conv: key, id: 99, act: 'message:add', actor, body: 'x', ts: new Date().toISOString(), prev: null, hash: '0'.repeat(64), ...extra }) as Action;
 
-  it('refuses an empty batch (400) and more than 500 actions (413 too_large)', async () => {
+  it('refuses an empty batch (400) and more than 500 actions (413 batch_too_large)', async () => {
     const deps = tp.platform.deps;
     assert.equal(await code(checkBatch(deps, 'beta.test', key, [], 'proposal')), '400 invalid_request');
     assert.equal(await code(checkBatch(deps, 'beta.test', key, [null], 'proposal')), '400 invalid_request');
     const many = Array.from({ length: MAX_BATCH_ACTIONS + 1 }, () => act('bob@beta.test'));
-    assert.equal(await code(checkBatch(deps, 'beta.test', key, many, 'push')), '413 too_large');
+    assert.equal(await code(checkBatch(deps, 'beta.test', key, many, 'push')), '413 batch_too_large');
     assert.equal(await code(checkPeerBatch(deps, { platform: 'beta.test' }, { kind: 'push', key, actions: [act('bob@beta.test')], bytes: 20 * 1024 * 1024 })), '413 too_large');
   });
 
   it('proposals: only its own users, only participants, only to the leader', async () => {
     const deps = tp.platform.deps;
     assert.equal(await code(checkBatch(deps, 'beta.test', key, [act('bob@beta.test')], 'proposal')), 'ok');
-    assert.equal(await code(checkBatch(deps, 'beta.test', key, [act('carol@alpha.test')], 'proposal')), '403 wrong_origin', 'a user of this platform');
-    assert.equal(await code(checkBatch(deps, 'beta.test', key, [act('zed@beta.test')], 'proposal')), '403 not_participant');
+    assert.equal(await code(checkBatch(deps, 'beta.test', key, [act('carol@alpha.test')], 'proposal')), '422 invalid_log wrong_origin', 'a user of this platform');
+    assert.equal(await code(checkBatch(deps, 'beta.test', key, [act('zed@beta.test')], 'proposal')), '422 invalid_log rule_violation not_participant');
     // Added earlier in the same batch: then a participant.
     const added = [act('bob@beta.test', { act: 'participant:add', participant: 'zed@beta.test', perms: 'write' }), act('zed@beta.test')];
     assert.equal(await code(checkBatch(deps, 'beta.test', key, added, 'proposal')), 'ok');
@@ -307,6 +307,6 @@ describe('checkBatch and checkJoin: who may submit what', () => {
     assert.doesNotThrow(() => checkJoin(deps, 'beta.test', mine, replay(mine)));
     assert.throws(() => checkJoin(deps, 'gamma.test', mine, replay(mine)), (e: AppError) => e.status === 403 && e.code === 'not_leader');
     const none = betaLog('bob@beta.test', ['dan@beta.test']);
-    assert.throws(() => checkJoin(deps, 'beta.test', none, replay(none)), (e: AppError) => e.status === 403 && e.code === 'not_participant');
+    assert.throws(() => checkJoin(deps, 'beta.test', none, replay(none)), (e: AppError) => e.status === 403 && e.code === 'no_local_participant');
   });
 });
