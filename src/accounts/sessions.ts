@@ -45,22 +45,63 @@ export async function createSession(
   return { id, token, expiresAt };
 }
 
-/** Resolves a session token to its user, or null when unknown, expired or revoked. */
+/**
+ * How long a process reuses a resolved session without reading it again (ms). Revoking a
+ * session, logging out, suspending a user or changing their password takes effect at once
+ * in the process that did it and within this time in the others (docs/operations.md).
+ */
+export const SESSION_CACHE_MS = 1000;
+const SESSION_CACHE_MAX = 10_000;
+/** Resolved sessions by token hash, per database handle (one platform). */
+const sessionCaches = new WeakMap<object, Map<string, { user: AuthUser; until: number }>>();
+
+function sessionCache(deps: Deps): Map<string, { user: AuthUser; until: number }> {
+  let c = sessionCaches.get(deps.db);
+  if (!c) sessionCaches.set(deps.db, (c = new Map()));
+  return c;
+}
+
+/** Forgets this process's cached sessions of `userId` (after a change of their rights, e.g. is_admin). */
+export function forgetUserSessions(deps: Deps, userId: number): void {
+  forgetSessions(deps, (u) => u.id === userId);
+}
+
+/** Forgets cached sessions matching `pred` (after a revocation in this process). */
+function forgetSessions(deps: Deps, pred: (u: AuthUser) => boolean): void {
+  const c = sessionCache(deps);
+  for (const [k, v] of c) if (pred(v.user)) c.delete(k);
+}
+
+/**
+ * Resolves a session token to its user, or null when unknown, expired or revoked. A
+ * resolved session is reused for {@link SESSION_CACHE_MS} (one read per second per session
+ * instead of one per request).
+ */
 export async function resolveSession(deps: Deps, token: string): Promise<AuthUser | null> {
   if (!token || token.length > 200) return null;
+  const hash = tokenHash(token);
+  const now = deps.clock.now();
+  const cache = sessionCache(deps);
+  const hit = cache.get(hash);
+  if (hit && hit.until > now) return hit.user;
   const row = await deps.db.kysely
     .selectFrom('sessions')
     .innerJoin('users', 'users.id', 'sessions.user_id')
     .select(['sessions.id as sid', 'sessions.expires_at', 'sessions.revoked_at', 'sessions.last_seen_at', 'users.id', 'users.address', 'users.is_admin', 'users.status'])
-    .where('sessions.token_hash', '=', tokenHash(token))
+    .where('sessions.token_hash', '=', hash)
     .executeTakeFirst();
-  const now = deps.clock.now();
-  if (!row || row.revoked_at || new Date(row.expires_at).getTime() <= now || row.status === 'suspended') return null;
+  if (!row || row.revoked_at || new Date(row.expires_at).getTime() <= now || row.status === 'suspended') {
+    cache.delete(hash);
+    return null;
+  }
   // Refresh last_seen_at at most once a minute (cheap on the hot path).
   if (now - new Date(row.last_seen_at).getTime() > 60_000) {
     await deps.db.kysely.updateTable('sessions').set({ last_seen_at: new Date(now) }).where('id', '=', row.sid).execute();
   }
-  return { id: row.id, address: row.address, isAdmin: row.is_admin, sessionId: row.sid };
+  const user = { id: row.id, address: row.address, isAdmin: row.is_admin, sessionId: row.sid };
+  if (cache.size >= SESSION_CACHE_MAX) cache.clear();
+  cache.set(hash, { user, until: Math.min(now + SESSION_CACHE_MS, new Date(row.expires_at).getTime()) });
+  return user;
 }
 
 /** Revokes a session of `userId` by its public id; false when there is no such live session. */
@@ -72,6 +113,7 @@ export async function revokeSession(deps: Deps, userId: number, sessionId: strin
     .where('user_id', '=', userId)
     .where('revoked_at', 'is', null)
     .executeTakeFirst();
+  forgetSessions(deps, (u) => u.sessionId === sessionId);
   return Number(r.numUpdatedRows) > 0;
 }
 
@@ -128,5 +170,6 @@ export async function revokeAllSessions(deps: Deps, userId: number, q: Queryable
     .where('user_id', '=', userId)
     .where('revoked_at', 'is', null)
     .executeTakeFirst();
+  forgetSessions(deps, (u) => u.id === userId);
   return Number(r.numUpdatedRows);
 }

@@ -3,7 +3,7 @@ import { badRequest, conflict, notFound } from '../platform/errors.ts';
 import { type Deps, isLocalAddress } from '../context.ts';
 import { isUniqueViolation } from '../store/db.ts';
 import { hashPassword, PASSWORD_LIMITS } from './passwords.ts';
-import { revokeAllSessions } from './sessions.ts';
+import { revokeAllSessions, forgetUserSessions } from './sessions.ts';
 
 /** A user as listed by the CLI and the admin API. Times are UTC ISO 8601. */
 export interface UserInfo {
@@ -140,6 +140,7 @@ export async function updateUser(deps: Deps, actorId: number, address: string, p
       .returning([...USER_COLUMNS])
       .executeTakeFirstOrThrow();
     if (patch.status === 'suspended' || patch.password !== undefined) await revokeAllSessions(deps, cur.id, tx);
+    if (patch.is_admin !== undefined) forgetUserSessions(deps, cur.id);
     return toInfo(r);
   });
 }

@@ -84,6 +84,18 @@ function messageFromRow(r: any): MessageState {
 /** The participant rows (user ids, flags) behind a state loaded by {@link loadState}. */
 export const loadedParticipantRows = new WeakMap<ConversationState, Map<string, Selectable<ParticipantsTable>>>();
 
+/** Participant rows read together with a conversation's lock (see {@link preloadParticipants}). */
+const preloaded = new WeakMap<ConversationRow, Selectable<ParticipantsTable>[]>();
+
+/**
+ * Hands the participant rows of `row`, read under its row lock in the same transaction
+ * (apply-actions.ts lockForActor), to the next {@link loadState} of that row, which then
+ * does not read them again. Timestamps may arrive as ISO strings (JSON).
+ */
+export function preloadParticipants(row: ConversationRow, parts: Selectable<ParticipantsTable>[]): void {
+  preloaded.set(row, parts);
+}
+
 /**
  * Loads the state the reducer needs for a batch: header, every participant, the messages
  * named as parents, and the messages whose chains contain the `follows` ids.
@@ -95,7 +107,8 @@ export async function loadState(
 ): Promise<ConversationState> {
   const s = emptyState();
   s.header = headerOf(row);
-  const parts = await db.selectFrom('participants').selectAll().where('conv_id', '=', row.id).execute();
+  const parts = preloaded.get(row) ?? (await db.selectFrom('participants').selectAll().where('conv_id', '=', row.id).execute());
+  preloaded.delete(row);
   loadedParticipantRows.set(s, new Map(parts.map((p) => [p.address, p])));
   for (const p of parts) {
     s.participants.set(p.address, {

@@ -122,13 +122,38 @@ export async function ensureSigningKey(deps: Deps): Promise<SigningKey> {
   });
 }
 
+/** The last active key this process read, by the database handle it came from. */
+const cachedKeys = new WeakMap<object, { row: KeyRow; key: SigningKey }>();
+/** Active key ids read earlier in a transaction (noteActiveKeyId), by transaction. */
+const activeKeyHints = new WeakMap<object, string>();
+
+/**
+ * Records that `q` (a transaction) read `keyId` as the active key id: a later
+ * {@link activeSigningKey} in it then signs with the cached key of that id, if any,
+ * without reading `platform_keys` again. Read in the statement that locks the conversation
+ * (apply-actions.ts lockForActor), it is as current as a read of its own.
+ */
+export function noteActiveKeyId(q: Queryable, keyId: string): void {
+  activeKeyHints.set(q, keyId);
+}
+
 /**
  * The active signing key, read inside `q` (the caller's transaction, so a rotation that
- * committed is seen at once), created or renewed first if needed.
+ * committed is seen at once) — or taken from this process's cache when `q` already read the
+ * active key id ({@link noteActiveKeyId}) and it is the cached one — created or renewed
+ * first if needed.
  */
 export async function activeSigningKey(deps: Deps, q: Queryable = deps.db.kysely): Promise<SigningKey> {
+  const now = deps.clock.now();
+  const cached = cachedKeys.get(deps.db);
+  const hint = activeKeyHints.get(q);
+  if (cached && hint === cached.row.key_id && new Date(cached.row.not_after).getTime() - now > KEY_RENEW_BEFORE_MS) return cached.key;
   const row = await activeRow(q);
-  if (row && new Date(row.not_after).getTime() - deps.clock.now() > KEY_RENEW_BEFORE_MS) return toSigning(deps, row);
+  if (row && new Date(row.not_after).getTime() - now > KEY_RENEW_BEFORE_MS) {
+    const key = cached?.row.key_id === row.key_id ? cached.key : toSigning(deps, row);
+    cachedKeys.set(deps.db, { row, key });
+    return key;
+  }
   return ensureSigningKey(deps);
 }
 
