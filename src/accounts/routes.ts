@@ -172,7 +172,7 @@ export async function accountRoutes(app: FastifyInstance, deps: Deps): Promise<v
     preHandler: auth,
     schema: {
       tags: ['accounts'],
-      summary: "Revoke one of the caller's sessions: its token stops working at once (404 for unknown, already revoked or other users' sessions)",
+      summary: "Revoke one of the caller's sessions: its token stops working at once on this process and within a second on the platform's other processes (404 for unknown, already revoked or other users' sessions)",
       security: secured,
       params: { type: 'object', required: ['id'], additionalProperties: false, properties: { id: { type: 'string', maxLength: 100 } } },
       response: { 204: { type: 'null' }, 401: err, 404: err },
