@@ -5,8 +5,9 @@
  * printed on stdout). Progress goes to stderr. Exits 1 if a benchmark failed (the figures of
  * the others are still written).
  *
- * Options: `--only import,smtp,append,ws,delivery` runs a subset (append and ws share one
- * platform; delivery is bench/delivery.ts, the delivery engine's workers).
+ * Options: `--only import,smtp,append,ws,delivery,federation` runs a subset (append and ws share one
+ * platform; delivery is bench/delivery.ts, the delivery engine's workers; federation is
+ * bench/federation.ts, three platforms replicating).
  */
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg } from 'node:os';
@@ -17,7 +18,7 @@ import { benchAppend } from './append.ts';
 import { benchWebsocket } from './websocket.ts';
 import { ROOT, cleanupAll, processMemoryMb, progress, round, setupPairs, startDatabase, startPlatformProcess, tempDataDir } from './support.ts';
 
-const ALL = ['import', 'smtp', 'append', 'ws', 'delivery'];
+const ALL = ['import', 'smtp', 'append', 'ws', 'delivery', 'federation'];
 const onlyArg = process.argv.indexOf('--only');
 const selected = onlyArg >= 0 ? (process.argv[onlyArg + 1] ?? '').split(',').map((s) => s.trim()) : ALL;
 const unknown = selected.filter((s) => !ALL.includes(s));
@@ -85,6 +86,7 @@ try {
     });
   }
   if (selected.includes('delivery')) await step('delivery', async () => (await import('./delivery.ts')).benchDelivery(database));
+  if (selected.includes('federation')) await step('federation', async () => ({ ...(await (await import('./federation.ts')).benchFederation(database)) }));
 } finally {
   await database.stop();
 }

@@ -1,0 +1,321 @@
+/**
+ * Benchmark: federation (issue 3, Done means 5; docs/benchmarks.md, "Federation"). Three
+ * platforms as processes — alpha.test (A), beta.test (B), gamma.test (C) — each on its own
+ * database of the run's PostgreSQL, talking over loopback through static routes.
+ *
+ * - **Live replication**: 10 writers on A each lead a conversation with one reader on B and
+ *   one participant on C. The writers append `message:add` actions through A's API as fast
+ *   as they can (10 concurrent clients, one request in flight each); every reader holds a
+ *   websocket open on B. Per action: A's API request sent → the action's frame on B's
+ *   websocket (`federation_p50_ms`, `federation_p99_ms`); overall: actions / (first send →
+ *   last frame) (`federation_actions_per_s`).
+ * - **Catch-up**: B is stopped, 10,000 actions are appended on A to one conversation with a
+ *   participant on B (100 per request), B is started again: `catchup_10k_s` is B's start
+ *   (spawn) → B's copy of the conversation has A's last action, read from B's database.
+ */
+import { spawn } from 'node:child_process';
+import { join } from 'node:path';
+import pg from 'pg';
+import WebSocket from 'ws';
+import { createUser } from '../src/accounts/users.ts';
+import { loadConfig } from '../src/platform/config.ts';
+import { createLogger } from '../src/platform/logger.ts';
+import { systemClock } from '../src/platform/clock.ts';
+import { BlobStore } from '../src/platform/blobs.ts';
+import { openDb } from '../src/store/db.ts';
+import { migrate } from '../src/store/migrate.ts';
+import {
+  type BenchDatabase,
+  BENCH_PASSWORD,
+  PARLEY_BIN,
+  ROOT,
+  expectStatus,
+  freePort,
+  login,
+  messageBody,
+  onCleanup,
+  percentile,
+  processCpuMs,
+  progress,
+  round,
+  tempDataDir,
+  type JsonClient,
+} from './support.ts';
+
+/** Figures of the federation benchmark (keys of bench/results/latest.json). */
+export interface FederationFigures {
+  /** Actions appended on A and seen on B's websockets, per second (first send → last frame). */
+  federation_actions_per_s: number;
+  /** A's API request sent → the action's frame on B's websocket, ms, under that load. */
+  federation_p50_ms: number;
+  federation_p99_ms: number;
+  federation_max_ms: number;
+  /** Actions measured, and actions whose frame never came (must be 0). */
+  federation_samples: number;
+  federation_missing: number;
+  /** CPU of A's and B's processes per replicated action during the live run, ms. */
+  federation_a_cpu_ms_per_action: number;
+  federation_b_cpu_ms_per_action: number;
+  /** B started (spawn) → B holds all 10,000 actions appended while it was down, s. */
+  catchup_10k_s: number;
+  /** The same, from B's HTTP port answering (without B's own start-up), s. */
+  catchup_10k_after_listen_s: number;
+}
+
+const DOMAINS = ['alpha.test', 'beta.test', 'gamma.test'] as const;
+const WRITERS = 10;
+
+/** One platform of the benchmark: its database, data directory, port, and its process while it runs. */
+interface Member {
+  domain: string;
+  databaseUrl: string;
+  dataDir: string;
+  port: number;
+  base: string;
+  proc: { pid: number; stop(): Promise<void>; exited: () => string | null } | null;
+}
+
+/** Starts `node bin/parley.js start --roles web,worker` for `m` with the federation routes; resolves when its port answers. */
+async function startMember(m: Member, routes: string): Promise<void> {
+  const child = spawn(process.execPath, [PARLEY_BIN, 'start', '--roles', 'web,worker'], {
+    cwd: ROOT,
+    env: {
+      ...process.env,
+      DATABASE_URL: m.databaseUrl,
+      PARLEY_DOMAINS: m.domain,
+      PARLEY_DATA_DIR: m.dataDir,
+      PARLEY_DNS_OFFLINE: '1',
+      PARLEY_LOG_LEVEL: 'warn',
+      PARLEY_HTTP_PORT: String(m.port),
+      PARLEY_HTTP_HOST: '127.0.0.1',
+      PARLEY_BASE_URL: m.base,
+      PARLEY_FEDERATION_ROUTES: routes,
+    },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const tail: string[] = [];
+  for (const s of [child.stdout, child.stderr]) {
+    s?.setEncoding('utf8');
+    s?.on('data', (d: string) => {
+      for (const line of d.split('\n').filter(Boolean)) {
+        tail.push(line);
+        if (tail.length > 30) tail.shift();
+        if (tail.length < 30) process.stderr.write(`  [${m.domain}] ${line.slice(0, 300)}\n`);
+      }
+    });
+  }
+  const unregister = onCleanup(async () => void child.kill('SIGKILL'));
+  let exited: string | null = null;
+  const exit = new Promise<void>((res) => child.once('exit', (code, signal) => ((exited = `exited with ${code ?? signal}`), res())));
+  const deadline = Date.now() + 60_000;
+  for (;;) {
+    if (exited) throw new Error(`${m.domain} ${exited} before listening:\n${tail.join('\n')}`);
+    const up = await fetch(`${m.base}/health`).then((r) => r.ok).catch(() => false);
+    if (up) break;
+    if (Date.now() > deadline) {
+      child.kill('SIGKILL');
+      throw new Error(`${m.domain} not answering on ${m.base} after 60 s:\n${tail.join('\n')}`);
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  m.proc = {
+    pid: child.pid!,
+    exited: () => exited,
+    async stop() {
+      unregister();
+      if (exited) return;
+      child.kill('SIGTERM');
+      const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+      await exit;
+      clearTimeout(timer);
+    },
+  };
+}
+
+/** Creates users of `m` (password BENCH_PASSWORD) with the platform's own createUser, migrating its database first. */
+async function createMemberUsers(m: Member, addresses: string[]): Promise<void> {
+  const config = loadConfig({}, undefined, { domains: [m.domain], databaseUrl: m.databaseUrl, dataDir: m.dataDir, dnsOffline: true, logLevel: 'warn' });
+  const db = openDb(m.databaseUrl, 2);
+  try {
+    await migrate(db.pool);
+    const deps = { db, config, log: createLogger('bench', 'warn'), clock: systemClock, blobs: new BlobStore(join(m.dataDir, 'blobs')) };
+    for (const address of addresses) await createUser(deps, { address, password: BENCH_PASSWORD });
+  } finally {
+    await db.close();
+  }
+}
+
+/** Polls `fn` every `everyMs` until it is true; throws `what` after `timeoutMs`. */
+async function until(fn: () => Promise<boolean>, what: string, timeoutMs = 60_000, everyMs = 20): Promise<void> {
+  const deadline = performance.now() + timeoutMs;
+  while (!(await fn())) {
+    if (performance.now() > deadline) throw new Error(`timed out after ${timeoutMs / 1000} s waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}
+
+/** Opens a websocket on `base` as `token`; resolves after `hello`. */
+function openSocket(base: string, token: string, onFrame: (f: any) => void): Promise<WebSocket> {
+  const ws = new WebSocket(`${base.replace(/^http/, 'ws')}/api/ws`, { headers: { authorization: `Bearer ${token}` } });
+  return new Promise((res, rej) => {
+    const timer = setTimeout(() => rej(new Error('websocket: no hello frame within 10 s')), 10_000);
+    ws.on('message', (data) => {
+      const f = JSON.parse(String(data));
+      if (f.type === 'hello') {
+        clearTimeout(timer);
+        res(ws);
+      } else onFrame(f);
+    });
+    ws.once('error', (e) => (clearTimeout(timer), rej(e)));
+  });
+}
+
+/**
+ * Runs the federation benchmark on fresh databases of `database`.
+ * @param opts.perWriter actions each of the 10 writers appends in the live run (default 200)
+ * @param opts.catchup actions appended while B is down (default 10,000)
+ * @throws Error when a platform does not start, an append is refused, or replication does not converge within 60 s
+ */
+export async function benchFederation(database: BenchDatabase, opts: { perWriter?: number; catchup?: number } = {}): Promise<FederationFigures> {
+  const perWriter = opts.perWriter ?? Number(process.env.BENCH_FEDERATION_PER_WRITER ?? 200);
+  const catchup = opts.catchup ?? 10_000;
+  const members: Member[] = [];
+  const dirs: { rm(): void }[] = [];
+  for (const domain of DOMAINS) {
+    const dir = tempDataDir(domain.split('.')[0]);
+    dirs.push(dir);
+    const port = await freePort();
+    members.push({ domain, databaseUrl: await database.createDatabase(domain.split('.')[0]), dataDir: dir.dir, port, base: `http://127.0.0.1:${port}`, proc: null });
+  }
+  const [A, B, C] = members;
+  const routes = members.map((m) => `${m.domain}=${m.base}`).join(',');
+  const dbB = new pg.Client({ connectionString: B.databaseUrl });
+  const clients: JsonClient[] = [];
+  const sockets: WebSocket[] = [];
+  try {
+    const writers = Array.from({ length: WRITERS }, (_, i) => `w${i}@${A.domain}`);
+    const readers = Array.from({ length: WRITERS }, (_, i) => `r${i}@${B.domain}`);
+    const thirds = Array.from({ length: WRITERS }, (_, i) => `g${i}@${C.domain}`);
+    await createMemberUsers(A, [...writers, `catchup@${A.domain}`]);
+    await createMemberUsers(B, [...readers, `late@${B.domain}`]);
+    await createMemberUsers(C, thirds);
+    progress(`federation: starting ${DOMAINS.join(', ')} (web,worker) on ${members.map((m) => m.port).join(', ')}`);
+    await Promise.all(members.map((m) => startMember(m, routes)));
+    await dbB.connect();
+    const lastIdOnB = async (key: string) => {
+      const r = await dbB.query('select last_id from conversations where key = $1', [key]);
+      return r.rows.length ? Number(r.rows[0].last_id) : -1;
+    };
+
+    // ---- Live replication.
+    const writerClients = await Promise.all(writers.map((w) => login(A.base, w)));
+    const readerClients = await Promise.all(readers.map((r) => login(B.base, r)));
+    clients.push(...writerClients, ...readerClients);
+    const keys: string[] = [];
+    const created: number[] = [];
+    for (let i = 0; i < WRITERS; i++) {
+      const r = await writerClients[i].request('POST', '/api/conversations', {
+        subject: `Federation benchmark ${i}`,
+        participants: [readers[i], thirds[i]],
+        messages: [{ body: 'First message of the federation benchmark.' }],
+      });
+      expectStatus(r, 201, 'create conversation on A');
+      keys.push(r.body.key);
+      created.push(r.body.actions.at(-1).id);
+    }
+    progress('federation: waiting for B to hold the 10 conversations');
+    await until(async () => {
+      const r = await dbB.query('select key, last_id from conversations where key = any($1)', [keys]);
+      const have = new Map(r.rows.map((x) => [x.key as string, Number(x.last_id)]));
+      return keys.every((k, i) => (have.get(k) ?? -1) >= created[i]);
+    }, 'the conversations on B');
+
+    const sentAt = new Map<string, number>();
+    const latencies: number[] = [];
+    let lastFrame = 0;
+    const onFrame = (f: any) => {
+      if (f.type !== 'event' || typeof f.action?.body !== 'string') return;
+      const tag = /^fed:(\S+)/.exec(f.action.body)?.[1];
+      const t = tag === undefined ? undefined : sentAt.get(tag);
+      if (t === undefined) return;
+      lastFrame = performance.now();
+      latencies.push(lastFrame - t);
+      sentAt.delete(tag!);
+    };
+    sockets.push(...(await Promise.all(readerClients.map((c) => openSocket(B.base, c.token!, onFrame)))));
+    progress(`federation: ${WRITERS} writers on A × ${perWriter} actions, as fast as answered; readers on B's websockets`);
+    const cpuA0 = processCpuMs(A.proc!.pid);
+    const cpuB0 = processCpuMs(B.proc!.pid);
+    const t0 = performance.now();
+    await Promise.all(
+      writerClients.map(async (w, c) => {
+        for (let n = 0; n < perWriter; n++) {
+          const tag = `${c}:${n}`;
+          sentAt.set(tag, performance.now());
+          const r = await w.request('POST', `/api/conversations/${keys[c]}/actions`, { actions: [{ act: 'message:add', body: messageBody(`fed:${tag}`) }] });
+          expectStatus(r, 200, 'append on A');
+        }
+      }),
+    );
+    const sendDone = performance.now();
+    const deadline = performance.now() + 60_000;
+    while (sentAt.size > 0 && performance.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+    const total = WRITERS * perWriter;
+    const replicated = total - sentAt.size;
+    const cpuA = processCpuMs(A.proc!.pid) - cpuA0;
+    const cpuB = processCpuMs(B.proc!.pid) - cpuB0;
+    latencies.sort((a, b) => a - b);
+    const live = {
+      federation_actions_per_s: round(replicated / (((sentAt.size ? performance.now() : lastFrame) - t0) / 1000), 1),
+      federation_p50_ms: round(percentile(latencies, 50)),
+      federation_p99_ms: round(percentile(latencies, 99)),
+      federation_max_ms: round(latencies.at(-1) ?? NaN),
+      federation_samples: latencies.length,
+      federation_missing: sentAt.size,
+      federation_a_cpu_ms_per_action: round(cpuA / Math.max(1, replicated), 3),
+      federation_b_cpu_ms_per_action: round(cpuB / Math.max(1, replicated), 3),
+    };
+    progress(
+      `federation: ${replicated}/${total} actions on B in ${round((lastFrame - t0) / 1000, 2)} s (appends took ${round((sendDone - t0) / 1000, 2)} s): ` +
+        `${live.federation_actions_per_s}/s, p50 ${live.federation_p50_ms} ms, p99 ${live.federation_p99_ms} ms; CPU/action A ${live.federation_a_cpu_ms_per_action} ms, B ${live.federation_b_cpu_ms_per_action} ms`,
+    );
+    for (const s of sockets.splice(0)) s.close();
+
+    // ---- Catch-up of a replica 10,000 actions behind.
+    const writer = await login(A.base, `catchup@${A.domain}`);
+    clients.push(writer);
+    const c = await writer.request('POST', '/api/conversations', { subject: 'Catch-up', participants: [`late@${B.domain}`], messages: [{ body: 'before B stops' }] });
+    expectStatus(c, 201, 'create the catch-up conversation');
+    const key = c.body.key as string;
+    await until(async () => (await lastIdOnB(key)) >= c.body.actions.at(-1).id, 'the catch-up conversation on B');
+    progress('federation: B stopped; appending 10,000 actions on A');
+    await B.proc!.stop();
+    let last = 0;
+    for (let n = 0; n < catchup; n += 100) {
+      const batch = Array.from({ length: Math.min(100, catchup - n) }, (_, i) => ({ act: 'message:add', body: messageBody(`catchup:${n + i}`) }));
+      const r = await writer.request('POST', `/api/conversations/${key}/actions`, { actions: batch });
+      expectStatus(r, 200, 'append the catch-up batch on A');
+      last = r.body.actions.at(-1).id;
+    }
+    const before = await lastIdOnB(key);
+    progress(`federation: B holds ${before} of ${last} actions; starting B`);
+    const s0 = performance.now();
+    await startMember(B, routes);
+    const listening = performance.now();
+    await until(async () => (await lastIdOnB(key)) >= last, `B catching up to action ${last}`, 120_000, 10);
+    const done = performance.now();
+    const figures: FederationFigures = {
+      ...live,
+      catchup_10k_s: round((done - s0) / 1000, 2),
+      catchup_10k_after_listen_s: round((done - listening) / 1000, 2),
+    };
+    progress(`federation: B caught up ${last - before} actions in ${figures.catchup_10k_s} s from its start (${figures.catchup_10k_after_listen_s} s after listening)`);
+    return figures;
+  } finally {
+    for (const s of sockets) s.close();
+    for (const c of clients) c.close();
+    await dbB.end().catch(() => {});
+    await Promise.all(members.map((m) => m.proc?.stop()));
+    for (const d of dirs) d.rm();
+  }
+}
