@@ -2,6 +2,7 @@ import type { Deps } from './context.ts';
 import type { Role } from './app.ts';
 import { startDeliveryWorker } from './delivery/worker.ts';
 import { startSmtpServer } from './mail/inbound/smtp-server.ts';
+import { startFederationWorker } from './federation/pusher.ts';
 
 /** Background services of the worker and smtp roles. */
 export interface RoleServices {
@@ -9,7 +10,7 @@ export interface RoleServices {
   stop(): Promise<void>;
 }
 
-/** Starts the worker role (delivery worker) and the smtp role (inbound SMTP server) as asked. */
+/** Starts the worker role (delivery worker, federation worker) and the smtp role (inbound SMTP server) as asked. */
 export async function startRoleServices(deps: Deps, roles: readonly Role[]): Promise<RoleServices> {
   const stops: (() => Promise<void>)[] = [];
   let smtpPort: number | null = null;
@@ -17,6 +18,9 @@ export async function startRoleServices(deps: Deps, roles: readonly Role[]): Pro
     if (roles.includes('worker')) {
       const w = await startDeliveryWorker(deps);
       stops.push(() => w.stop());
+      // Replication pushes and proposals to other platforms (docs/federation.md, "Replication").
+      const f = await startFederationWorker(deps);
+      stops.push(() => f.stop());
     }
     if (roles.includes('smtp')) {
       const s = await startSmtpServer(deps);

@@ -3,11 +3,13 @@ import { sealAction } from '../core/actions.ts';
 import { applyAction, referencedMessages, type ConversationState } from '../core/reducer.ts';
 import { isoTime } from '../platform/clock.ts';
 import { badRequest } from '../platform/errors.ts';
-import { type Deps, isLocalAddress } from '../context.ts';
+import { type Deps, isLocalAddress, primaryDomain } from '../context.ts';
 import type { Tx } from '../store/db.ts';
 import { type ConversationRow, loadedParticipantRows, loadState, persistState } from './store.ts';
-import { recordEffects } from './effects.ts';
+import { type KnownParticipants, recordEffects } from './effects.ts';
 import { signActions } from '../federation/action-signatures.ts';
+import { trackReplication } from '../federation/outbox.ts';
+import { proposeInTx } from '../federation/proposals.ts';
 
 /** Copies only the fields an action may carry (unknown fields never reach the log). */
 export function cleanInput(i: ActionInput): ActionInput {
@@ -49,6 +51,42 @@ export async function resolveLocalUsers(tx: Tx, deps: Deps, addresses: string[])
 }
 
 /**
+ * Maps the local addresses among `addresses` to user ids, leaving out those with no user
+ * (replicated actions: the leader cannot know this platform's users; such a participant
+ * simply has no mailbox here).
+ */
+export async function localUserIds(tx: Tx, deps: Deps, addresses: string[]): Promise<Map<string, number>> {
+  const local = addresses.filter((a) => isLocalAddress(deps, a));
+  if (local.length === 0) return new Map();
+  const rows = await tx.selectFrom('users').select(['id', 'address']).where('address', 'in', local).execute();
+  return new Map(rows.map((r) => [r.address, r.id]));
+}
+
+/**
+ * Stores sealed, signed actions that the reducer accepted into `state` (which they changed):
+ * persists them with the state (store.ts persistState), records their local effects (flags,
+ * stream events so local users' websockets see them, outbound email — effects.ts) and, when
+ * this platform leads the conversation, its replication bookkeeping (federation/outbox.ts).
+ * The one store path of local appends, of actions replicated from a leader and of proposals
+ * a leader accepts. Caller holds the conversation's row lock.
+ * @param known participants as loaded before the actions, and user ids of added local ones
+ */
+export async function storeActions(
+  tx: Tx,
+  deps: Deps,
+  row: ConversationRow,
+  state: ConversationState,
+  actions: Action[],
+  wasPublished: boolean,
+  known: KnownParticipants,
+): Promise<void> {
+  await persistState(tx, row.id, state, actions, known.newUserIds);
+  // Remote participants are recorded before the effects, which must not email them.
+  if (row.leader === primaryDomain(deps)) await trackReplication(tx, deps, row.id, state, actions);
+  await recordEffects(tx, deps, row.id, state, actions, wasPublished, known);
+}
+
+/**
  * Checks that every file names a stored blob and takes its size from the store.
  * @throws AppError 400 unknown_file
  */
@@ -70,7 +108,13 @@ export async function checkFiles(tx: Tx, inputs: ActionInput[]): Promise<void> {
  * hash-chains and validates each one with the core reducer (all or nothing), persists them
  * with the state they change, and records their effects (flags, streams, outbound mail).
  * Caller holds the row lock (lockConversation) and has authorised the actor.
- * @returns the new actions, sealed
+ *
+ * On a published conversation led by another platform (issue 3 §4) nothing is appended
+ * here: the actions are built the same way on the head this platform knows (after its
+ * pending proposals), signed, and stored as a pending proposal to the leader
+ * (federation/proposals.ts); `proposal` is then its id and `actions` are numbered
+ * provisionally — the leader's numbering comes back by replication.
+ * @returns the new actions, sealed (and the proposal id on a follower)
  * @throws AppError from the reducer (400/403/409) — the transaction must then roll back
  */
 export async function appendActions(
@@ -79,9 +123,13 @@ export async function appendActions(
   row: ConversationRow,
   actor: string,
   inputs: ActionInput[],
-): Promise<{ actions: Action[]; state: ConversationState }> {
+): Promise<{ actions: Action[]; state: ConversationState; proposal?: number }> {
   const clean = inputs.map(cleanInput);
   await checkFiles(tx, clean);
+  if (row.published && row.leader !== primaryDomain(deps)) {
+    await resolveLocalUsers(tx, deps, clean.filter((a) => a.act === 'participant:add').map((a) => a.participant!));
+    return proposeInTx(tx, deps, row, actor, clean);
+  }
   const state = await loadState(tx, row, referencedMessages(clean));
   const h = state.header!;
   const wasPublished = h.published;
@@ -96,8 +144,7 @@ export async function appendActions(
   const added = out.filter((a) => a.act === 'participant:add').map((a) => a.participant!);
   const userIds = await resolveLocalUsers(tx, deps, added);
   await signActions(deps, out, tx);
-  await persistState(tx, row.id, state, out, userIds);
-  await recordEffects(tx, deps, row.id, state, out, wasPublished, {
+  await storeActions(tx, deps, row, state, out, wasPublished, {
     rows: loadedParticipantRows.get(state) ?? new Map(),
     newUserIds: userIds,
   });

@@ -3,10 +3,11 @@ import type { Action } from '../core/actions.ts';
 import { FOLDERS, type Folder } from '../core/folders.ts';
 import { replay } from '../core/reducer.ts';
 import { badRequest, notFound } from '../platform/errors.ts';
-import type { Deps } from '../context.ts';
+import { type Deps, primaryDomain } from '../context.ts';
 import type { Queryable } from '../store/db.ts';
 import type { Actor } from './commands/apply-actions.ts';
 import { findConversation, loadFullState, readActions } from './store.ts';
+import { proposalsOf } from '../federation/proposals.ts';
 
 /**
  * SQL of each folder, mirroring core/folders.ts `inFolder` (p = participants, c = conversations,
@@ -211,6 +212,8 @@ export async function getConversation(deps: Deps, user: Actor, key: string, with
     flags: { inbox: p.inbox, deleted: p.deleted, spam: p.spam, seen: p.seen, muted: p.muted },
     removed_id: p.removed_id,
     labels: labels.map((l) => l.label_id),
+    // The caller's actions waiting for (or refused by) the leader of a conversation led elsewhere (docs/federation.md, "Proposals").
+    ...(row.leader !== primaryDomain(deps) ? { pending: await proposalsOf(deps, row.id, user.address) } : {}),
     ...(withActions ? { actions: await readActions(db, row.id, 1, upTo, 10_000) } : {}),
   };
 }

@@ -106,11 +106,27 @@ export async function conversationRoutes(app: FastifyInstance, deps: Deps): Prom
       security: secured,
       params: KeyParams,
       body: { type: 'object', additionalProperties: false, required: ['actions'], properties: { actions: { type: 'array', minItems: 1, maxItems: 100, items: ActionInputSchema } } },
-      response: { 200: { type: 'object', properties: { actions: { type: 'array', items: ActionSchema } } }, ...errors },
+      response: {
+        200: { type: 'object', properties: { actions: { type: 'array', items: ActionSchema } } },
+        202: {
+          description:
+            'The conversation is led by another platform that cannot be reached now: the actions wait in the proposals outbox, are retried, ' +
+            'and are applied exactly once when the leader numbers them (ids may then differ). GET /api/conversations/{key} lists them under `pending`.',
+          type: 'object',
+          properties: {
+            pending: { type: 'boolean', enum: [true] },
+            proposal: { type: 'integer', description: 'id of the pending proposal' },
+            reason: { type: 'string', description: 'why the leader could not number them now' },
+            actions: { type: 'array', items: ActionSchema, description: 'the actions as proposed (provisional ids)' },
+          },
+        },
+        ...errors,
+      },
     },
-  }, async (req) => {
-    const actions = await applyActions(deps, me(req), (req.params as any).key, (req.body as { actions: ActionInput[] }).actions);
-    return { actions };
+  }, async (req, reply) => {
+    const r = await applyActions(deps, me(req), (req.params as any).key, (req.body as { actions: ActionInput[] }).actions);
+    if (r.pending) return reply.status(202).send({ pending: true, proposal: r.pending.proposal, reason: r.pending.reason, actions: r.actions });
+    return { actions: r.actions };
   });
 
   app.post('/api/conversations/:key/publish', {

@@ -123,7 +123,8 @@ export type LogCheck =
   | { ok: true; state: ConversationState }
   | { ok: false; id: number | null; reason: ActionRejection; message: string; code?: string };
 
-function cloneState(s: ConversationState): ConversationState {
+/** A deep copy of a state with nothing marked touched (verification and speculative building work on copies). */
+export function cloneState(s: ConversationState): ConversationState {
   return {
     header: s.header ? { ...s.header, subject_lock: s.header.subject_lock ? { ...s.header.subject_lock } : null } : null,
     participants: new Map([...s.participants].map(([k, p]) => [k, { ...p }])),

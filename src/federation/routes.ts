@@ -3,7 +3,7 @@
  *
  * - `GET /.well-known/parley/keys` — the platform's public keys with their validity;
  * - `GET /.well-known/parley/platform` — the discovery document `{platform, url, keys_url}`;
- * - `/federation/v1/*` — platform-to-platform endpoints. Every one requires a signed request
+ * - `/federation/v1/*` — platform-to-platform endpoints (replication: replication-routes.ts). Every one requires a signed request
  *   (`requirePlatform`), verified against the raw body bytes before the body is parsed:
  *   in this scope `application/json` bodies arrive as Buffers and handlers read them with
  *   `verifiedJson`. `GET /federation/v1/ping` answers who the caller was verified to be.
@@ -14,6 +14,7 @@ import { badRequest } from '../platform/errors.ts';
 import { type VerifiedPeer, verifyRequest } from './http-signatures.ts';
 import { keysDocument } from './keys.ts';
 import { federationOf } from './runtime.ts';
+import { replicationRoutes } from './replication-routes.ts';
 import { federationAbuseHooks } from './abuse.ts';
 import { blobRoutes } from './blobs.ts';
 
@@ -153,5 +154,7 @@ export async function federationRoutes(app: FastifyInstance, deps: Deps): Promis
         response: { 200: { type: 'object', additionalProperties: true }, 400: err, ...rejections },
       },
     }, async (req) => ({ platform: primaryDomain(deps), peer: req.peer!.platform, keyid: req.peer!.keyId, body: verifiedJson(req) }));
+
+    await replicationRoutes(scope, deps, auth);
   }, { prefix: '/federation/v1' });
 }

@@ -11,6 +11,7 @@ import { checkFiles, cleanInput, resolveLocalUsers } from '../append.ts';
 import { recordEffects } from '../effects.ts';
 import { insertConversation, persistState } from '../store.ts';
 import { signActions } from '../../federation/action-signatures.ts';
+import { trackReplication } from '../../federation/outbox.ts';
 
 /** A new conversation, as the client API and the email bridge describe it. */
 export interface NewConversation {
@@ -91,6 +92,9 @@ export async function insertNewConversation(
   }
   await signActions(deps, log, tx);
   await persistState(tx, id, state, log, userIds);
+  // Remote participants get the log by replication (this platform leads what it creates);
+  // recorded before the effects, which must not email them.
+  await trackReplication(tx, deps, id, state, log);
   await recordEffects(tx, deps, id, state, log, false);
   return { id, key: state.header!.key, actions: log, state };
 }

@@ -10,6 +10,7 @@ import { recordEffects } from '../effects.ts';
 import { loadFullState, lockConversation, persistState } from '../store.ts';
 import type { Actor } from './apply-actions.ts';
 import { signActions } from '../../federation/action-signatures.ts';
+import { trackReplication } from '../../federation/outbox.ts';
 
 /**
  * `publishDraft` — client API `POST /api/conversations/{key}/publish`. Replaces the draft's
@@ -53,6 +54,7 @@ export async function publishDraft(deps: Deps, user: Actor, key: string): Promis
     if (creatorFlags) {
       await tx.updateTable('participants').set(creatorFlags).where('conv_id', '=', row.id).where('address', '=', row.creator).execute();
     }
+    await trackReplication(tx, deps, row.id, state, log); // before the effects, which must not email remote participants
     await recordEffects(tx, deps, row.id, state, log, false);
     return { key: state.header!.key, actions: log };
   });

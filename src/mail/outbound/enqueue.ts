@@ -3,6 +3,7 @@ import type { ConversationState } from '../../core/reducer.ts';
 import { type Deps, isLocalAddress, primaryDomain } from '../../context.ts';
 import { notifyAfterCommit, type Tx } from '../../store/db.ts';
 import { routeOrganisationActions } from '../../organisations/replies.ts';
+import { federatedRecipients } from '../../federation/outbox.ts';
 
 /** The realtime channel that wakes delivery workers (payload unused). */
 export const DELIVERIES_CHANNEL = 'parley_deliveries';
@@ -71,6 +72,11 @@ export async function enqueueEmails(
   if (suppression === 'all') return; // see suppressEmails
   let emailParticipants = [...s.participants.values()].filter((p) => !isLocalAddress(deps, p.address));
   if (emailParticipants.length === 0) return; // nobody on email (an organisation's contact always is)
+  // Federation (issue 3 §8): only the leader mails; remote participants are replicated to.
+  const federated = await federatedRecipients(tx, deps, convId);
+  if (federated === null) return;
+  if (federated.size > 0) emailParticipants = emailParticipants.filter((p) => !federated.has(p.address));
+  if (emailParticipants.length === 0) return;
   // Organisation conversations (issue 4 §5, docs/organisations.md): the contact is reached
   // through the organisation's servicechain, not by this automatic email — members' replies
   // are enqueued there instead; other email participants are emailed as usual.

@@ -1,0 +1,220 @@
+/**
+ * The replica's side of replication (issue 3 §5; docs/federation.md, "Replication"): storing
+ * actions numbered by a conversation's leader — pushed by it, fetched from it (backfill, a
+ * whole log when joining), or returned by it for this platform's own proposals.
+ *
+ * A batch is checked against this platform's verified state of the conversation
+ * (`verifyReceivedLog(…, {from: state})`: hashes, chain, signatures, origin rule, the core
+ * reducer) and stored in one transaction with the state it changes and its local effects
+ * (src/conversations/append.ts storeActions) — all of it or nothing. Actions this platform
+ * already has (same id and hash) are skipped.
+ */
+import { sql } from 'kysely';
+import type { Action } from '../core/actions.ts';
+import { referencedMessages } from '../core/reducer.ts';
+import { type Deps, isLocalAddress, primaryDomain } from '../context.ts';
+import { AppError, forbidden } from '../platform/errors.ts';
+import { isUniqueViolation, transaction, type Tx } from '../store/db.ts';
+import { localUserIds, storeActions } from '../conversations/append.ts';
+import { type ConversationRow, insertConversation, loadedParticipantRows, loadState, lockConversation } from '../conversations/store.ts';
+import { parseActionSig } from './action-signatures.ts';
+import { signedFetch } from './client.ts';
+import { fetchMissingBlobs, MAX_PUSH_ACTIONS } from './hooks.ts';
+import { samePlatform } from './outbox.ts';
+import { discoverPlatform, verifyReceivedLog } from './runtime.ts';
+
+/** Thrown when a batch continues a conversation this platform has never seen: fetch the log first. */
+export class UnknownConversation extends Error {
+  constructor(readonly key: string) {
+    super(`conversation ${key} is not known here`);
+    this.name = 'UnknownConversation';
+  }
+}
+
+/** 409 `gap`: the batch starts after this platform's last action. */
+export const gapError = (lastId: number) =>
+  new AppError(409, 'gap', `the batch does not continue this platform's log, which ends at action ${lastId}`, { last_id: lastId });
+
+/** 422 `invalid_log`: the batch failed verification (docs/federation.md, "Verifying a log"). */
+export const invalidLog = (id: number | null, reason: string, message: string, code?: string) =>
+  new AppError(422, 'invalid_log', message, { id, reason, ...(code ? { code } : {}) });
+
+/** What {@link receiveActions} did. */
+export interface Received {
+  /** The last action id this platform now has. */
+  last_id: number;
+  /** Actions newly stored (duplicates excluded). */
+  stored: Action[];
+}
+
+/**
+ * Checks the shape of a received batch before anything else looks at it.
+ * @throws AppError 400 invalid_request, 413 batch_too_large
+ */
+export function batchOf(body: unknown, max = MAX_PUSH_ACTIONS): Action[] {
+  const actions = (body as { actions?: unknown } | null)?.actions;
+  if (!Array.isArray(actions) || actions.length === 0) throw new AppError(400, 'invalid_request', 'the body must be {"actions": [<action>, …]} with at least one action');
+  if (actions.length > max) throw new AppError(413, 'batch_too_large', `at most ${max} actions per request`, { max });
+  for (const a of actions)
+    if (!a || typeof a !== 'object' || Array.isArray(a) || !Number.isInteger(a.id) || a.id < 1 || typeof a.hash !== 'string')
+      throw new AppError(400, 'invalid_request', 'every action must be an object with an integer id ≥ 1 and a hash');
+  for (let i = 1; i < actions.length; i++)
+    if (actions[i].id !== actions[i - 1].id + 1) throw invalidLog(actions[i].id, 'sequence_mismatch', `action ${actions[i].id} does not follow ${actions[i - 1].id} in the batch`);
+  return actions as Action[];
+}
+
+/**
+ * Stores a batch of consecutive actions of conversation `key` numbered by its leader
+ * `leader` (the verified platform that sent them, or the leader this platform asked), in one
+ * transaction:
+ *
+ * - unknown conversation: the batch must start at action 1 (else {@link UnknownConversation});
+ *   the log must verify from nothing, action 1 must be signed by `leader` (the leader is the
+ *   creator's platform, which signs conv:create), and one of this platform's addresses must
+ *   take part — then the conversation is created here with `leader` recorded;
+ * - known conversation: `leader` must be its recorded leader (403 `not_leader`); actions up to
+ *   the local last id must be the ones stored (same hashes — skipped; a different hash is
+ *   422 `invalid_log`, reason `fork`); the rest must start right after it (409 `gap`) and
+ *   verify against the local state (422 `invalid_log`).
+ *
+ * Pending proposals of this platform that the batch contains are marked applied.
+ * @throws AppError 403, 409, 422 (nothing stored); UnknownConversation
+ */
+export async function receiveActions(deps: Deps, leader: string, key: string, actions: Action[]): Promise<Received> {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await transaction(deps.db, (tx) => receiveInTx(tx, deps, leader, key, actions));
+    } catch (e) {
+      // Two batches creating the same conversation at once: the second one sees it next time.
+      if (attempt < 2 && isUniqueViolation(e)) continue;
+      throw e;
+    }
+  }
+}
+
+async function receiveInTx(tx: Tx, deps: Deps, leader: string, key: string, actions: Action[]): Promise<Received> {
+  const row = await lockConversation(tx, key);
+  if (!row) {
+    if (actions[0].id !== 1) throw new UnknownConversation(key);
+    return createReplica(tx, deps, leader, key, actions);
+  }
+  if (row.key !== key || !row.published) throw new AppError(404, 'not_found', 'conversation not found');
+  if (!(await samePlatform(deps, row.leader, leader)))
+    throw forbidden('not_leader', `${leader} does not lead conversation ${key}; ${row.leader} does`, { leader: row.leader });
+  let batch = actions;
+  const dups = batch.filter((a) => a.id <= row.last_id);
+  if (dups.length > 0) {
+    const stored = await sql<{ id: number; hash: string }>`
+      select id, hash from actions where conv_id = ${row.id} and id = any(${dups.map((a) => a.id)}::int[])`.execute(tx);
+    const hashes = new Map(stored.rows.map((r) => [r.id, r.hash]));
+    for (const a of dups)
+      if (hashes.get(a.id) !== a.hash) throw invalidLog(a.id, 'fork', `action ${a.id} differs from the action ${a.id} this platform has`);
+    batch = batch.filter((a) => a.id > row.last_id);
+  }
+  if (batch.length === 0) return { last_id: row.last_id, stored: [] };
+  if (batch[0].id !== row.last_id + 1) throw gapError(row.last_id);
+  const state = await loadState(tx, row, referencedMessages(batch));
+  const check = await verifyReceivedLog(deps, batch, { from: state });
+  if (!check.ok) throw invalidLog(check.id, check.reason, check.message, check.code);
+  const added = batch.filter((a) => a.act === 'participant:add').map((a) => a.participant!);
+  const newUserIds = await localUserIds(tx, deps, added);
+  await storeActions(tx, deps, row, check.state, batch, true, { rows: loadedParticipantRows.get(state) ?? new Map(), newUserIds });
+  await markProposalsApplied(tx, row.id, batch);
+  return { last_id: check.state.header!.last_id, stored: batch };
+}
+
+async function createReplica(tx: Tx, deps: Deps, leader: string, key: string, actions: Action[]): Promise<Received> {
+  if (actions[0].conv !== key) throw invalidLog(1, 'wrong_conversation', `action 1 names conversation ${actions[0].conv}, not ${key}`);
+  const check = await verifyReceivedLog(deps, actions);
+  if (!check.ok) throw invalidLog(check.id, check.reason, check.message, check.code);
+  const s = check.state;
+  const h = s.header!;
+  if (!h.published) throw invalidLog(null, 'not_published', 'drafts are never replicated: the log has no conv:publish');
+  const signer = parseActionSig(actions[0].sig)!.platform;
+  if (!(await samePlatform(deps, signer, leader)))
+    throw forbidden('not_leader', `${leader} does not lead conversation ${key}: its conv:create was signed by ${signer}`, { leader: signer });
+  if (signer === primaryDomain(deps)) throw forbidden('not_leader', `this platform created ${key}; it is not a replica of it`);
+  if (![...s.participants.keys()].some((a) => isLocalAddress(deps, a)))
+    throw forbidden('no_local_participant', `no address of this platform takes part in conversation ${key}`);
+  const id = await insertConversation(tx, h, signer, null);
+  const row = (await lockConversation(tx, key))!;
+  const newUserIds = await localUserIds(tx, deps, [...s.participants.keys()]);
+  await storeActions(tx, deps, row, s, actions, false, { rows: new Map(), newUserIds });
+  await markProposalsApplied(tx, id, actions);
+  return { last_id: h.last_id, stored: actions };
+}
+
+/** Marks applied the pending proposals whose first action is among `actions` (same hash). */
+async function markProposalsApplied(tx: Tx, convId: number, actions: Action[]): Promise<void> {
+  await sql`
+    update federation_proposals set state = 'applied', locked_until = null, updated_at = now()
+     where conv_id = ${convId} and state = 'pending' and actions->0->>'hash' = any(${actions.map((a) => a.hash)}::text[])`.execute(tx);
+}
+
+/** The base URL of platform `name` (discovery). @throws AppError 502 when it has none or cannot be found now */
+export async function platformUrl(deps: Deps, name: string): Promise<string> {
+  let ref;
+  try {
+    ref = await discoverPlatform(deps, name);
+  } catch (e) {
+    throw new AppError(502, 'peer_unavailable', (e as Error).message);
+  }
+  if (!ref) throw new AppError(502, 'peer_unavailable', `${name} has no Parley platform`);
+  return ref.url;
+}
+
+/**
+ * Fetches actions of conversation `key` from its leader, `GET …/actions?since=N&limit=500`
+ * page by page, and stores each page ({@link receiveActions}) until this platform has
+ * action `upTo` (or the leader has nothing more). Used to join a conversation (from 0) and
+ * to backfill a gap.
+ * @returns the last action id stored here
+ * @throws AppError 502 peer_unavailable / the leader's refusal; verification errors
+ */
+export async function backfillFrom(deps: Deps, leader: string, key: string, since: number, upTo = Infinity): Promise<number> {
+  const base = await platformUrl(deps, leader);
+  let last = since;
+  while (last < upTo) {
+    let r: Response;
+    try {
+      r = await signedFetch(deps, `${base}/federation/v1/conversations/${key}/actions?since=${last}&limit=${MAX_PUSH_ACTIONS}`);
+    } catch (e) {
+      throw new AppError(502, 'peer_unavailable', `${leader}: ${(e as Error).message}`);
+    }
+    const text = await r.text();
+    if (r.status !== 200) throw new AppError(502, 'peer_refused', `${leader} answered ${r.status} to a backfill: ${text.slice(0, 300)}`);
+    const body = JSON.parse(text) as { actions: Action[]; last_id: number };
+    if (!Array.isArray(body.actions) || body.actions.length === 0) break;
+    const actions = batchOf(body);
+    await fetchMissingBlobs(deps, { platform: leader }, actions);
+    const got = await receiveActions(deps, leader, key, actions);
+    if (got.last_id <= last) break;
+    last = got.last_id;
+    if (last >= body.last_id) break;
+  }
+  return last;
+}
+
+/** The local last action id of conversation `key` (0 when unknown here). */
+export async function localLastId(deps: Deps, key: string): Promise<number> {
+  const r = await deps.db.kysely.selectFrom('conversations').select('last_id').where('key', '=', key).executeTakeFirst();
+  return r?.last_id ?? 0;
+}
+
+/**
+ * Stores actions received from the leader, joining (whole log from action 1) or backfilling
+ * first when they do not continue the local log.
+ */
+export async function receiveOrCatchUp(deps: Deps, leader: string, key: string, actions: Action[]): Promise<Received> {
+  try {
+    return await receiveActions(deps, leader, key, actions);
+  } catch (e) {
+    const unknown = e instanceof UnknownConversation;
+    const gap = e instanceof AppError && e.code === 'gap';
+    if (!unknown && !gap) throw e;
+    await backfillFrom(deps, leader, key, unknown ? 0 : ((e as AppError).details!.last_id as number), actions[0].id - 1);
+    return receiveActions(deps, leader, key, actions);
+  }
+}
+
+export type { ConversationRow };

