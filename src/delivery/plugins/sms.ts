@@ -4,6 +4,7 @@ import { badRequest, unauthorized } from '../../platform/errors.ts';
 import { loadOrgConfigs } from '../org-config.ts';
 import { type DeliveryPlugin, E164, type InboundEvent, type MessagePayload, type SendResult, configProblems, str } from '../plugin.ts';
 import { twilioSignatureValid } from '../signature.ts';
+import { type HttpAnswer, networkError, postOnce } from '../http.ts';
 
 /** Per-organisation config of the `sms` plugin (`organisations.plugin_config.sms`): a Twilio-like gateway. */
 export const SmsConfigSchema = Type.Object(
@@ -102,30 +103,26 @@ export function smsPlugin(): DeliveryPlugin {
       if (!body) return { outcome: 'failed', error: 'the message has no text to send by SMS' };
       const form = new URLSearchParams({ To: d.destination, From: from, Body: body });
       if (c.status_callback !== false && ctx.orgId !== null) form.set('StatusCallback', smsHookUrl(deps, ctx.orgId));
-      let r: Response;
+      let r: HttpAnswer;
       try {
-        r = await fetch(`${base}/Accounts/${encodeURIComponent(account)}/Messages.json`, {
-          method: 'POST',
-          redirect: 'manual',
-          signal: ctx.signal,
-          headers: {
+        r = await postOnce(
+          `${base}/Accounts/${encodeURIComponent(account)}/Messages.json`,
+          {
             authorization: `Basic ${Buffer.from(`${account}:${token}`).toString('base64')}`,
             'content-type': 'application/x-www-form-urlencoded',
             'idempotency-key': d.idempotency_key,
             'user-agent': 'Parley-SMS/1',
           },
-          body: form.toString(),
-        });
+          form.toString(),
+          ctx.signal,
+        );
       } catch (e) {
         if (ctx.signal.aborted) return { outcome: 'retry', error: `sms gateway timed out after ${ctx.timeoutMs} ms` };
-        return { outcome: 'retry', error: `sms gateway unreachable: ${(e as Error).cause ?? (e as Error).message}` };
+        return { outcome: 'retry', error: `sms gateway unreachable: ${networkError(e)}` };
       }
-      let text = '';
-      try {
-        text = (await r.text()).slice(0, 64 * 1024);
-      } catch {
-        if (ctx.signal.aborted) return { outcome: 'retry', error: `sms gateway timed out after ${ctx.timeoutMs} ms` };
-      }
+      // The status line came but the answer was cut short by the deadline: its sid is unknown.
+      if (!r.complete && ctx.signal.aborted) return { outcome: 'retry', error: `sms gateway timed out after ${ctx.timeoutMs} ms` };
+      const text = r.text;
       let j: any = null;
       try {
         j = JSON.parse(text);
@@ -142,7 +139,8 @@ export function smsPlugin(): DeliveryPlugin {
       const code = j?.code !== undefined ? ` ${String(j.code).slice(0, 20)}` : '';
       const detail = `(${r.status}${code})${msg ? `: ${msg.slice(0, 500)}` : ''}`;
       if (r.status >= 400 && r.status < 500 && r.status !== 408 && r.status !== 429) return { outcome: 'failed', error: `sms gateway refused ${detail}` };
-      const ra = Number(r.headers.get('retry-after'));
+      const raHeader = r.headers['retry-after'];
+      const ra = Number(Array.isArray(raHeader) ? raHeader[0] : raHeader);
       return { outcome: 'retry', error: `sms gateway answered ${detail}`, ...(Number.isFinite(ra) && ra > 0 ? { retryAfterMs: Math.min(ra * 1000, 3_600_000) } : {}) };
     },
     inbound: {

@@ -4,6 +4,7 @@ import { badRequest, unauthorized } from '../../platform/errors.ts';
 import { loadOrgConfigs } from '../org-config.ts';
 import { type DeliveryPlugin, type InboundEvent, type MessagePayload, type SendResult, configProblems, str } from '../plugin.ts';
 import { parleySignature, parleySignatureProblem } from '../signature.ts';
+import { type HttpAnswer, networkError, postOnce } from '../http.ts';
 
 /** Per-organisation config of the `webhook` plugin (`organisations.plugin_config.webhook`). */
 export const WebhookConfigSchema = Type.Object(
@@ -38,9 +39,8 @@ export function webhookBody(d: { id: number; idempotency_key: string; action_id:
   });
 }
 
-async function readLimited(r: Response): Promise<string> {
-  const text = await r.text().catch(() => '');
-  return text.slice(0, MAX_RESPONSE_BYTES);
+function headerValue(h: string | string[] | undefined): string | null {
+  return (Array.isArray(h) ? h[0] : h) ?? null;
 }
 
 function retryAfterMs(h: string | null): number | undefined {
@@ -101,13 +101,11 @@ export function webhookPlugin(): DeliveryPlugin {
       if (!url || !secret) return { outcome: 'failed', error: 'webhook is not configured for this organisation (plugin_config.webhook.secret, and .url unless the destination is a URL)' };
       const body = webhookBody(d);
       const t = Math.floor(deps.clock.now() / 1000);
-      let r: Response;
+      let r: HttpAnswer;
       try {
-        r = await fetch(url, {
-          method: 'POST',
-          redirect: 'manual',
-          signal: ctx.signal,
-          headers: {
+        r = await postOnce(
+          url,
+          {
             'content-type': 'application/json',
             'user-agent': 'Parley-Webhook/1',
             'idempotency-key': d.idempotency_key,
@@ -115,17 +113,14 @@ export function webhookPlugin(): DeliveryPlugin {
             'x-parley-signature': parleySignature(secret, body, t),
           },
           body,
-        });
+          ctx.signal,
+          MAX_RESPONSE_BYTES,
+        );
       } catch (e) {
         if (ctx.signal.aborted) return { outcome: 'retry', error: `webhook timed out after ${ctx.timeoutMs} ms` };
-        return { outcome: 'retry', error: `webhook unreachable: ${(e as Error).cause ?? (e as Error).message}` };
+        return { outcome: 'retry', error: `webhook unreachable: ${networkError(e)}` };
       }
-      let text: string;
-      try {
-        text = await readLimited(r);
-      } catch {
-        text = '';
-      }
+      const text = r.text;
       if (r.status >= 200 && r.status < 300) {
         let ref: string | null = null;
         try {
@@ -140,7 +135,7 @@ export function webhookPlugin(): DeliveryPlugin {
       if (r.status >= 400 && r.status < 500 && r.status !== 408 && r.status !== 429) {
         return { outcome: 'failed', error: `webhook refused (${r.status})${snippet ? `: ${snippet}` : ''}` };
       }
-      return { outcome: 'retry', error: `webhook answered ${r.status}${snippet ? `: ${snippet}` : ''}`, retryAfterMs: retryAfterMs(r.headers.get('retry-after')) };
+      return { outcome: 'retry', error: `webhook answered ${r.status}${snippet ? `: ${snippet}` : ''}`, retryAfterMs: retryAfterMs(headerValue(r.headers['retry-after'])) };
     },
     inbound: {
       /**
