@@ -84,6 +84,11 @@ export function moveOnChange(d: Delivery, reason: string, now: Date): { set: Upd
   };
 }
 
+/** The `detail` (JSON text) of a `fallback` event: `{from: {index, plugin}, to: {index, plugin} | null, reason}`. */
+export function fallbackDetail(d: Pick<Delivery, 'chain_index' | 'plugin'>, to: ChainStep | null, reason: string): string {
+  return JSON.stringify({ from: { index: d.chain_index, plugin: d.plugin }, to: to ? { index: to.index, plugin: to.plugin } : null, reason: reason.slice(0, 2000) });
+}
+
 /** Records a `fallback` event: the row left step `from` for `to` (or for the dead letters) because of `reason`. */
 export async function recordFallback(tx: Tx, d: Delivery, to: ChainStep | null, reason: string): Promise<void> {
   await tx
@@ -94,7 +99,7 @@ export async function recordFallback(tx: Tx, d: Delivery, to: ChainStep | null, 
       plugin: d.plugin,
       kind: 'fallback',
       provider_ref: d.provider_ref,
-      detail: JSON.stringify({ from: { index: d.chain_index, plugin: d.plugin }, to: to ? { index: to.index, plugin: to.plugin } : null, reason: reason.slice(0, 2000) }),
+      detail: fallbackDetail(d, to, reason),
     })
     .execute();
 }

@@ -2,24 +2,28 @@ import { randomBytes } from 'node:crypto';
 import pg from 'pg';
 import { sql, type Updateable } from 'kysely';
 import type { Deps } from '../context.ts';
-import { coalescingRunner } from '../platform/coalesce.ts';
 import { DELIVERIES_CHANNEL } from '../mail/outbound/enqueue.ts';
 import type { DeliveriesTable } from '../store/schema.ts';
 import { applyEarlyReceipts } from './inbound.ts';
 import { orgConfigCache } from './org-config.ts';
 import { type Delivery, type DeliveryPlugin, type RetryPolicy, type SendResult, retryDelayMs, retryPolicyFor } from './plugin.ts';
 import { knownPlugins } from './registry.ts';
-import { type FallbackPolicy, fallbackDeadline, moveOnChange, recordFallback, wakeWorkers } from './state.ts';
+import { type ChainStep, type FallbackPolicy, fallbackDeadline, fallbackDetail, moveOnChange, recordFallback, wakeWorkers } from './state.ts';
 
 export { builtinPlugins } from './registry.ts';
+
+/** Rows claimed by one statement at most, and outcomes recorded by one statement at most. */
+const DEFAULT_BATCH = 200;
+/** Attempts in flight at once (lanes mostly wait on the counterpart's answer). */
+const DEFAULT_CONCURRENCY = 32;
 
 /** Options of a delivery worker. Defaults suit production; tests shorten the timings. */
 export interface WorkerOptions {
   /** The plugins this worker may use (default: every plugin known to the process). */
   plugins?: Map<string, DeliveryPlugin>;
-  /** Rows claimed per round (default 50). */
+  /** Most rows claimed by one statement, and most outcomes recorded by one (default PARLEY_DELIVERY_BATCH, 200). */
   batch?: number;
-  /** Attempts in flight at once (default 8). */
+  /** Attempts in flight at once (default PARLEY_DELIVERY_CONCURRENCY, 32). */
   concurrency?: number;
   /** Safety-net poll for scheduled retries and fallback windows, in ms (default 1000). */
   pollMs?: number;
@@ -36,7 +40,7 @@ export interface DeliveryWorker {
   name: string;
   /** Plugins disabled at start-up because `validate()` failed, with the reason. */
   disabled: ReadonlyMap<string, string>;
-  /** Runs one claim-and-send round (and the fallback sweep) now; resolves with the number of rows handled. */
+  /** Claims and attempts what is due now until nothing is, waits for the outcomes to be recorded, runs the fallback sweep; resolves with the number of rows handled. */
   runOnce(): Promise<number>;
   stop(): Promise<void>;
 }
@@ -68,20 +72,295 @@ export async function validatePlugins(deps: Deps, plugins: Map<string, DeliveryP
  * attempted with the same idempotency key. Each claim counts as an attempt of the step.
  */
 export async function claimDue(deps: Deps, worker: string, limit: number, leaseMs = deps.config.deliveryLeaseMs): Promise<Delivery[]> {
-  const r = await sql<Delivery>`
-    update deliveries d
-       set state = 'sending', locked_by = ${worker},
-           locked_until = now() + ${`${leaseMs} milliseconds`}::interval,
-           attempts = d.attempts + 1, updated_at = now()
-     where d.id in (
-       select id from deliveries
-        where state in ('pending', 'sending') and next_attempt_at <= now()
-          and (locked_until is null or locked_until < now())
-        order by next_attempt_at
-        limit ${limit}
-        for update skip locked)
-    returning d.*`.execute(deps.db.kysely);
-  return r.rows;
+  return claimWith((q) => deps.db.pool.query(q), worker, limit, leaseMs);
+}
+
+/**
+ * The claim (see claimDue): the due rows' ids are picked by an InitPlan over the `deliveries_due`
+ * index, then updated by primary key — a plan that stays right however the table grows.
+ */
+const CLAIM_DUE = `
+update deliveries d
+   set state = 'sending', locked_by = $1, locked_until = now() + $2::interval,
+       attempts = d.attempts + 1, updated_at = now()
+ where d.id = any (array(
+         select id from deliveries
+          where state in ('pending', 'sending') and next_attempt_at <= now()
+            and (locked_until is null or locked_until < now())
+          order by next_attempt_at
+          limit $3
+          for update skip locked))
+returning d.*`;
+
+async function claimWith(exec: Exec, worker: string, limit: number, leaseMs: number): Promise<Delivery[]> {
+  const r = await exec({ name: 'parley_delivery_claim', text: CLAIM_DUE, values: [worker, `${leaseMs} milliseconds`, limit] });
+  return r.rows as Delivery[];
+}
+
+/** The columns an outcome writes (besides the lock, cleared, and `updated_at`). */
+type OutcomeColumns = Pick<
+  DeliveriesTable,
+  | 'state'
+  | 'attempts'
+  | 'next_attempt_at'
+  | 'last_error'
+  | 'provider_ref'
+  | 'sent_at'
+  | 'delivered_at'
+  | 'read_at'
+  | 'fallback_at'
+  | 'chain_index'
+  | 'plugin'
+  | 'destination'
+  | 'idempotency_key'
+  | 'step_started_at'
+>;
+
+/** One attempt's outcome, waiting to be recorded. */
+interface Outcome {
+  /** The row as claimed (its `locked_by` and `attempts` are the claim that must still hold). */
+  d: Delivery;
+  result: SendResult;
+  durationMs: number;
+  /** When the attempt ended. */
+  at: Date;
+  plugin?: DeliveryPlugin;
+  policy: RetryPolicy;
+}
+
+/**
+ * What an outcome does to its row (issue 4 §3; docs/delivery.md, "Servicechains"):
+ * - accepted → `sent` (or `delivered`), `sent_at`, provider ref, the fallback window;
+ * - retry → `pending` after the plugin's backoff, until its policy's attempts or age run out;
+ * - failed, or retries run out → the next chain step (`pending`, attempts reset, that step's
+ *   idempotency key), or `failed` after the last step;
+ * - the row's `expires_at` passed → `failed`, no fallback.
+ * @returns the columns to set, and the fallback event to record when the row moves on
+ */
+function outcomeChange(o: Outcome): { set: Updateable<DeliveriesTable>; moved: { reason: string; to: ChainStep | null } | null } {
+  const { d, result, at: now, policy } = o;
+  const expired = d.expires_at !== null && new Date(d.expires_at).getTime() <= now.getTime();
+  if (result.outcome === 'accepted') {
+    const delivered = result.delivered === true;
+    return {
+      set: {
+        state: delivered ? 'delivered' : 'sent',
+        provider_ref: result.providerRef ?? null,
+        last_error: null,
+        sent_at: now,
+        delivered_at: delivered ? now : null,
+        fallback_at: fallbackDeadline(d, o.plugin?.capabilities, now, delivered),
+      },
+      moved: null,
+    };
+  }
+  if (expired) return { set: { state: 'failed', last_error: `expired before it could be sent (${d.plugin}: ${result.error})`.slice(0, 2000), fallback_at: null }, moved: null };
+  const stepStart = new Date(d.step_started_at ?? d.created_at).getTime();
+  const exhausted = d.attempts >= policy.maxAttempts ? `${d.attempts} attempts` : now.getTime() - stepStart >= policy.maxAgeS * 1000 ? `${policy.maxAgeS} s` : null;
+  if (result.outcome === 'retry' && !exhausted) {
+    return {
+      set: { state: 'pending', last_error: result.error.slice(0, 2000), next_attempt_at: new Date(now.getTime() + (result.retryAfterMs ?? retryDelayMs(d.attempts, Math.random, policy))) },
+      moved: null,
+    };
+  }
+  const reason = result.outcome === 'retry' ? `${d.plugin}: gave up after ${exhausted}: ${result.error}` : `${d.plugin}: ${result.error}`;
+  const change = moveOnChange(d, reason, now);
+  return { set: change.set, moved: { reason, to: change.to } };
+}
+
+const ts = (v: Date | string | null | undefined): string | null => (v === null || v === undefined ? null : new Date(v).toISOString());
+
+/**
+ * Records a batch of outcomes in ONE statement (autocommit, so atomic): every attempt becomes
+ * a `delivery_attempts` row; each row moves to its next state (see outcomeChange) only if its
+ * claim still holds (`state = 'sending'`, `locked_by` and `attempts` as claimed); rows that
+ * move on down their chain get their `fallback` event. Per row the answer says whether the
+ * claim held and whether receipts are waiting for it (an event that named the row or its new
+ * provider ref before the attempt was recorded: see applyEarlyReceipts).
+ * The statement text never changes (arrays, `unnest`), so it stays one prepared statement.
+ */
+const RECORD_OUTCOMES = `
+with t as (
+  select * from unnest($1::bigint[], $2::text[], $3::int[],
+                       $4::text[], $5::text[], $6::text[], $7::text[], $8::int[], $9::timestamptz[],
+                       $10::text[], $11::int[], $12::timestamptz[], $13::text[], $14::text[],
+                       $15::timestamptz[], $16::timestamptz[], $17::timestamptz[], $18::timestamptz[],
+                       $19::int[], $20::text[], $21::text[], $22::text[], $23::timestamptz[],
+                       $24::text[], $25::text[])
+    as t(id, claimed_by, claimed_attempts,
+         a_plugin, a_outcome, a_error, a_ref, a_ms, a_at,
+         state, attempts, next_attempt_at, last_error, provider_ref,
+         sent_at, delivered_at, read_at, fallback_at,
+         chain_index, plugin, destination, idempotency_key, step_started_at,
+         ev_ref, ev_detail)
+), attempt as (
+  insert into delivery_attempts (delivery_id, at, plugin, outcome, error, provider_ref, duration_ms, worker)
+  select id, a_at, a_plugin, a_outcome, a_error, a_ref, a_ms, $26 from t
+), upd as (
+  update deliveries d
+     set state = t.state, attempts = t.attempts, next_attempt_at = t.next_attempt_at, last_error = t.last_error,
+         provider_ref = t.provider_ref, sent_at = t.sent_at, delivered_at = t.delivered_at, read_at = t.read_at,
+         fallback_at = t.fallback_at, chain_index = t.chain_index, plugin = t.plugin, destination = t.destination,
+         idempotency_key = t.idempotency_key, step_started_at = t.step_started_at,
+         locked_by = null, locked_until = null, updated_at = t.a_at
+    from t
+   where d.id = t.id and d.state = 'sending' and d.locked_by = t.claimed_by and d.attempts = t.claimed_attempts
+  returning d.id, d.org_id, d.plugin, d.provider_ref, coalesce(d.step_started_at, d.created_at) as step_start
+), fallback as (
+  insert into delivery_events (delivery_id, org_id, plugin, kind, provider_ref, detail)
+  select t.id, u.org_id, t.a_plugin, 'fallback', t.ev_ref, t.ev_detail::jsonb
+    from upd u join t on t.id = u.id
+   where t.ev_detail is not null
+)
+select u.id,
+       t.a_outcome = 'accepted' and (
+         exists (select 1 from delivery_events e
+                  where e.delivery_id = u.id and e.plugin = u.plugin and e.at >= u.step_start and e.kind in ('delivered', 'read', 'failed'))
+         or (u.provider_ref is not null and exists (select 1 from delivery_events e
+                  where e.delivery_id is null and e.plugin = u.plugin and e.provider_ref = u.provider_ref and e.org_id is not distinct from u.org_id))
+       ) as early
+  from upd u join t on t.id = u.id`;
+
+/** Runs one named statement: on a pooled connection or the worker's own. */
+type Exec = (q: { name: string; text: string; values: unknown[] }) => Promise<{ rows: any[] }>;
+
+/**
+ * A connection of the worker's own with session `options` (e.g. `-c synchronous_commit=off`),
+ * opened at first use and replaced when it breaks.
+ */
+function ownConnection(deps: Deps, connectionString: string, purpose: string, options: string): { exec: Exec; end(): Promise<void> } {
+  let client: Promise<pg.Client> | null = null;
+  const drop = (c: Promise<pg.Client>) => {
+    if (client !== c) return;
+    client = null;
+    void c.then((cl) => cl.end()).catch(() => {});
+  };
+  return {
+    exec: async (q) => {
+      if (!client) {
+        const c = new pg.Client({ connectionString, options });
+        const p = c.connect().then(() => c);
+        c.on('error', (err) => {
+          deps.log.warn({ err, purpose }, 'delivery worker connection lost; reconnecting');
+          drop(p);
+        });
+        client = p;
+        p.catch(() => drop(p));
+      }
+      const p = client;
+      try {
+        return await (await p).query(q);
+      } catch (e) {
+        // A broken connection is replaced; an error of the statement (it has a SQLSTATE) leaves it usable.
+        if ((e as { code?: string }).code === undefined) drop(p);
+        throw e;
+      }
+    },
+    end: async () => {
+      const p = client;
+      client = null;
+      if (p) await p.then((c) => c.end()).catch(() => {});
+    },
+  };
+}
+
+/**
+ * Records `outcomes` (at most a few hundred) for `worker` with RECORD_OUTCOMES, then applies
+ * the receipts that raced their attempt (rare: only rows the statement flags), each in its own
+ * transaction, and wakes the workers when a row moved on to a next step.
+ * @returns the ids of the rows whose claim held (the others got their attempt recorded only)
+ */
+async function recordOutcomes(deps: Deps, exec: Exec, worker: string, outcomes: Outcome[]): Promise<Set<number>> {
+  const cols = {
+    id: [] as number[],
+    claimedBy: [] as (string | null)[],
+    claimedAttempts: [] as number[],
+    aPlugin: [] as string[],
+    aOutcome: [] as string[],
+    aError: [] as (string | null)[],
+    aRef: [] as (string | null)[],
+    aMs: [] as number[],
+    aAt: [] as string[],
+    state: [] as string[],
+    attempts: [] as number[],
+    nextAttemptAt: [] as (string | null)[],
+    lastError: [] as (string | null)[],
+    providerRef: [] as (string | null)[],
+    sentAt: [] as (string | null)[],
+    deliveredAt: [] as (string | null)[],
+    readAt: [] as (string | null)[],
+    fallbackAt: [] as (string | null)[],
+    chainIndex: [] as number[],
+    plugin: [] as string[],
+    destination: [] as string[],
+    idempotencyKey: [] as string[],
+    stepStartedAt: [] as (string | null)[],
+    evRef: [] as (string | null)[],
+    evDetail: [] as (string | null)[],
+  };
+  const movedOn = new Set<number>();
+  for (const o of outcomes) {
+    const { d, result } = o;
+    const { set, moved } = outcomeChange(o);
+    if (moved?.to) movedOn.add(d.id);
+    const v = { ...d, ...set } as Delivery & OutcomeColumns;
+    cols.id.push(d.id);
+    cols.claimedBy.push(d.locked_by);
+    cols.claimedAttempts.push(d.attempts);
+    cols.aPlugin.push(d.plugin);
+    cols.aOutcome.push(result.outcome);
+    cols.aError.push(result.outcome === 'accepted' ? null : result.error.slice(0, 2000));
+    cols.aRef.push(result.outcome === 'accepted' ? (result.providerRef ?? null) : null);
+    cols.aMs.push(Math.round(o.durationMs));
+    cols.aAt.push(o.at.toISOString());
+    cols.state.push(v.state as string);
+    cols.attempts.push(v.attempts as number);
+    cols.nextAttemptAt.push(ts(v.next_attempt_at as Date));
+    cols.lastError.push(v.last_error);
+    cols.providerRef.push(v.provider_ref);
+    cols.sentAt.push(ts(v.sent_at));
+    cols.deliveredAt.push(ts(v.delivered_at));
+    cols.readAt.push(ts(v.read_at));
+    cols.fallbackAt.push(ts(v.fallback_at));
+    cols.chainIndex.push(v.chain_index as number);
+    cols.plugin.push(v.plugin);
+    cols.destination.push(v.destination);
+    cols.idempotencyKey.push(v.idempotency_key);
+    cols.stepStartedAt.push(ts(v.step_started_at));
+    cols.evRef.push(moved ? d.provider_ref : null);
+    cols.evDetail.push(moved ? fallbackDetail(d, moved.to, moved.reason) : null);
+  }
+  const r = await exec({ name: 'parley_delivery_record_outcomes', text: RECORD_OUTCOMES, values: [...Object.values(cols), worker] });
+  const held = new Set<number>();
+  const early = new Set<number>();
+  for (const row of r.rows) {
+    held.add(Number(row.id));
+    if (row.early) early.add(Number(row.id));
+  }
+  let wake = false;
+  for (const o of outcomes) {
+    if (!held.has(o.d.id)) {
+      deps.log.warn({ delivery: o.d.id, worker, outcome: o.result.outcome }, 'delivery claim lost (lease expired and re-claimed, or cancelled): outcome recorded as an attempt only');
+      continue;
+    }
+    if (movedOn.has(o.d.id)) wake = true;
+    if (early.has(o.d.id) && (await applyEarlyFor(deps, o))) wake = true;
+  }
+  if (wake) await sql`select pg_notify(${DELIVERIES_CHANNEL}, '')`.execute(deps.db.kysely);
+  return held;
+}
+
+/**
+ * Applies the receipts that arrived before `o`'s accepted attempt was recorded, in a
+ * transaction that locks the row, if the row is still on that step.
+ * @returns true when a receipt moved the row on (workers should be woken)
+ */
+async function applyEarlyFor(deps: Deps, o: Outcome): Promise<boolean> {
+  return deps.db.kysely.transaction().execute(async (tx) => {
+    const row = await tx.selectFrom('deliveries').selectAll().where('id', '=', o.d.id).forUpdate().executeTakeFirst();
+    if (!row || row.plugin !== o.d.plugin || row.chain_index !== o.d.chain_index || (row.state !== 'sent' && row.state !== 'delivered')) return false;
+    return applyEarlyReceipts(tx, row, o.plugin, new Date(deps.clock.now()));
+  });
 }
 
 /**
@@ -89,12 +368,8 @@ export async function claimDue(deps: Deps, worker: string, limit: number, leaseM
  * moves the delivery to its next state — but only if this claim still holds the row
  * (`state = 'sending'`, `locked_by` and `attempts` as claimed): a lease that expired and was
  * claimed again, or a row cancelled meanwhile, is never overwritten (the attempt is still
- * recorded). Outcomes:
- * - accepted → `sent` (or `delivered`), `sent_at`, provider ref, the fallback window;
- * - retry → `pending` after the plugin's backoff, until its policy's attempts or age run out;
- * - failed, or retries run out → the next chain step (`pending`, attempts reset, that step's
- *   idempotency key), or `failed` after the last step;
- * - the row's `expires_at` passed → `failed`, no fallback.
+ * recorded). The outcomes are those of outcomeChange. Workers record their outcomes in
+ * batches through the same statement; this records one.
  * @returns false when the claim was lost and nothing but the attempt was written
  */
 export async function recordOutcome(
@@ -105,72 +380,9 @@ export async function recordOutcome(
   durationMs: number,
   opts: { plugin?: DeliveryPlugin; policy?: RetryPolicy } = {},
 ): Promise<boolean> {
-  const now = new Date(deps.clock.now());
-  const policy = opts.policy ?? retryPolicyFor(d.plugin);
-  let applied = false;
-  await deps.db.kysely.transaction().execute(async (tx) => {
-    // An outcome lost in a database crash is harmless: the row is claimed again when its lease
-    // ends and attempted with the same idempotency key. So don't wait for the WAL flush.
-    await sql`set local synchronous_commit = off`.execute(tx);
-    await tx
-      .insertInto('delivery_attempts')
-      .values({
-        delivery_id: d.id,
-        plugin: d.plugin,
-        outcome: result.outcome,
-        error: result.outcome === 'accepted' ? null : result.error.slice(0, 2000),
-        provider_ref: result.outcome === 'accepted' ? (result.providerRef ?? null) : null,
-        duration_ms: Math.round(durationMs),
-        worker,
-      })
-      .execute();
-    let set: Updateable<DeliveriesTable>;
-    let moved: { reason: string; to: ReturnType<typeof moveOnChange>['to'] } | null = null;
-    const expired = d.expires_at !== null && new Date(d.expires_at).getTime() <= now.getTime();
-    if (result.outcome === 'accepted') {
-      const delivered = result.delivered === true;
-      set = {
-        state: delivered ? 'delivered' : 'sent',
-        provider_ref: result.providerRef ?? null,
-        last_error: null,
-        sent_at: now,
-        delivered_at: delivered ? now : null,
-        fallback_at: fallbackDeadline(d, opts.plugin?.capabilities, now, delivered),
-      };
-    } else if (expired) {
-      set = { state: 'failed', last_error: `expired before it could be sent (${d.plugin}: ${result.error})`.slice(0, 2000), fallback_at: null };
-    } else {
-      const stepStart = new Date(d.step_started_at ?? d.created_at).getTime();
-      const exhausted = d.attempts >= policy.maxAttempts ? `${d.attempts} attempts` : now.getTime() - stepStart >= policy.maxAgeS * 1000 ? `${policy.maxAgeS} s` : null;
-      if (result.outcome === 'retry' && !exhausted) {
-        set = { state: 'pending', last_error: result.error.slice(0, 2000), next_attempt_at: new Date(now.getTime() + (result.retryAfterMs ?? retryDelayMs(d.attempts, Math.random, policy))) };
-      } else {
-        const reason = result.outcome === 'retry' ? `${d.plugin}: gave up after ${exhausted}: ${result.error}` : `${d.plugin}: ${result.error}`;
-        const change = moveOnChange(d, reason, now);
-        set = change.set;
-        moved = { reason, to: change.to };
-      }
-    }
-    const r = await tx
-      .updateTable('deliveries')
-      .set({ ...set, locked_by: null, locked_until: null, updated_at: now })
-      .where('id', '=', d.id)
-      .where('state', '=', 'sending')
-      .where('locked_by', '=', d.locked_by)
-      .where('attempts', '=', d.attempts)
-      .returningAll()
-      .executeTakeFirst();
-    if (!r) {
-      deps.log.warn({ delivery: d.id, worker, outcome: result.outcome }, 'delivery claim lost (lease expired and re-claimed, or cancelled): outcome recorded as an attempt only');
-      return;
-    }
-    applied = true;
-    let wake = moved !== null && moved.to !== null;
-    if (moved) await recordFallback(tx, d, moved.to, moved.reason);
-    if (result.outcome === 'accepted' && (await applyEarlyReceipts(tx, r as Delivery, opts.plugin, now))) wake = true;
-    if (wake) await wakeWorkers(tx);
-  });
-  return applied;
+  const o: Outcome = { d, result, durationMs, at: new Date(deps.clock.now()), plugin: opts.plugin, policy: opts.policy ?? retryPolicyFor(d.plugin) };
+  const held = await recordOutcomes(deps, (q) => deps.db.pool.query(q), worker, [o]);
+  return held.has(d.id);
 }
 
 /**
@@ -232,19 +444,25 @@ async function attempt(deps: Deps, plugin: DeliveryPlugin, d: Delivery, config: 
 /**
  * The worker role (issue 4 §4): validates the plugins, then waits for `parley_deliveries`
  * notifications (and polls every `pollMs` as a safety net, for scheduled retries and fallback
- * windows), claims due deliveries in batches and attempts them through their plugin,
- * `concurrency` at a time. Rows for an unknown or disabled plugin, or for an organisation whose
- * config of the plugin is invalid, move on down their chain with the reason.
+ * windows), and keeps up to `concurrency` attempts in flight: it claims due rows as lanes
+ * free up (never more than the free lanes, so a claimed row's lease starts with its attempt),
+ * and records the outcomes in batches — one statement per batch, on its own connection
+ * committing without waiting for the WAL flush; outcomes that finish while a batch is being
+ * written form the next one. Rows for an unknown or disabled plugin, or for an organisation
+ * whose config of the plugin is invalid, move on down their chain with the reason.
  */
 export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}): Promise<DeliveryWorker> {
   const plugins = opts.plugins ?? knownPlugins();
   const disabled = await validatePlugins(deps, plugins);
   const worker = opts.name ?? `w-${process.pid}-${randomBytes(3).toString('hex')}`;
-  const batch = opts.batch ?? 50;
-  const concurrency = opts.concurrency ?? 8;
+  const batch = Math.max(1, opts.batch ?? deps.config.deliveryBatch ?? DEFAULT_BATCH);
+  const concurrency = Math.max(1, opts.concurrency ?? deps.config.deliveryConcurrency ?? DEFAULT_CONCURRENCY);
+  /** Free lanes worth a claim while others are busy (fewer rows per claim cost more statements per row). */
+  const refillAt = Math.max(1, Math.ceil(concurrency / 4));
   const leaseMs = opts.leaseMs ?? deps.config.deliveryLeaseMs;
   const orgConfig = orgConfigCache(deps);
   const configChecked = new WeakMap<object, string | null>();
+  const connectionString = (deps.db.pool as any).options.connectionString as string;
   let stopped = false;
 
   const configProblem = async (plugin: DeliveryPlugin, config: Record<string, unknown>): Promise<string | null> => {
@@ -259,7 +477,42 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
     return problem;
   };
 
-  const handle = async (d: Delivery) => {
+  // The worker's own connections, one statement at a time each: one claims, one records.
+  // Their plans are pinned by session settings rather than left to the table's statistics,
+  // which lag behind a blast: right after 20,000 rows were enqueued PostgreSQL still thought
+  // the table nearly empty and claimed by sorting every due row (10–15 ms a claim) until
+  // autoanalyze ran. Claims walk the `deliveries_due` index in order; outcomes join their
+  // rows by primary key. Recording does not wait for the WAL flush: an outcome lost in a
+  // database crash only means the row is attempted again, with the same idempotency key.
+  const claimer = ownConnection(deps, connectionString, 'claims', '-c enable_seqscan=off -c enable_bitmapscan=off -c enable_sort=off');
+  const recorder = ownConnection(deps, connectionString, 'outcomes', '-c synchronous_commit=off -c enable_seqscan=off -c enable_bitmapscan=off -c enable_hashjoin=off -c enable_mergejoin=off');
+  const waiting: Outcome[] = [];
+  let recording = false;
+  let handled = 0;
+  const flush = async () => {
+    if (recording) return;
+    recording = true;
+    try {
+      while (waiting.length > 0) {
+        const outcomes = waiting.splice(0, batch);
+        try {
+          await recordOutcomes(deps, recorder.exec, worker, outcomes);
+        } catch (e) {
+          // The claims stay until their leases end; the rows are attempted again then, same keys.
+          deps.log.error({ err: e, deliveries: outcomes.map((o) => o.d.id) }, 'delivery attempts could not be recorded');
+        }
+        handled += outcomes.length;
+        settled();
+      }
+    } finally {
+      recording = false;
+    }
+    settled();
+    pump();
+  };
+
+  // ---- Attempts. ----
+  const handle = async (d: Delivery): Promise<Outcome> => {
     const plugin = plugins.get(d.plugin);
     const policy = retryPolicyFor(d.plugin, opts.policies);
     const t0 = performance.now();
@@ -273,44 +526,102 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
       if (problem) result = { outcome: 'failed', error: `${d.plugin} is not configured correctly for this organisation: ${problem}` };
       else result = await attempt(deps, plugin, d, config, Math.max(100, Math.min(policy.attemptTimeoutMs, Math.floor(leaseMs * 0.8))));
     }
-    await recordOutcome(deps, d, result, worker, performance.now() - t0, { plugin, policy });
     if (result.outcome !== 'accepted') deps.log.warn({ delivery: d.id, plugin: d.plugin, to: d.destination, result }, 'delivery attempt not accepted');
+    return { d, result, durationMs: performance.now() - t0, at: new Date(deps.clock.now()), plugin, policy };
+  };
+  let inflight = 0;
+  const start = (d: Delivery) => {
+    inflight++;
+    handle(d)
+      .then(
+        (o) => void waiting.push(o),
+        // handle() does not throw (plugins' throws are outcomes); if it did, the claim stays until its lease ends.
+        (e) => deps.log.error({ err: e, delivery: d.id }, 'delivery attempt failed unexpectedly'),
+      )
+      .finally(() => {
+        inflight--;
+        void flush();
+        pump();
+      });
+  };
+
+  // ---- Claims: as lanes free up, while rows may be due. ----
+  /** Rows may be due: set by notifications, the poll and full claims; cleared by a claim that found fewer than it asked for. */
+  let mayBeDue = true;
+  let claiming = false;
+  const pump = () => {
+    if (claiming || stopped || !mayBeDue) return;
+    const free = concurrency - inflight;
+    // Lanes are busy, or outcomes are piling up faster than they are recorded: wait for them.
+    if (free <= 0 || (inflight > 0 && free < refillAt) || waiting.length >= 2 * batch) return;
+    claiming = true;
+    mayBeDue = false; // a kick during the claim sets it again
+    const want = Math.min(free, batch);
+    claimWith(claimer.exec, worker, want, leaseMs)
+      .then(
+        (rows) => {
+          if (rows.length === want) mayBeDue = true;
+          for (const d of rows) start(d);
+        },
+        (e) => deps.log.error({ err: e }, 'delivery claim failed; the poll tries again'),
+      )
+      .finally(() => {
+        claiming = false;
+        settled();
+        pump();
+      });
+  };
+  const kick = () => {
+    mayBeDue = true;
+    pump();
+  };
+
+  // ---- Idle waiters (runOnce, stop). ----
+  let idleWaiters: (() => void)[] = [];
+  const isIdle = () => !claiming && inflight === 0 && waiting.length === 0 && !recording;
+  function settled() {
+    if (!isIdle() || idleWaiters.length === 0) return;
+    const ws = idleWaiters;
+    idleWaiters = [];
+    for (const w of ws) w();
+  }
+  const idle = (): Promise<void> => (isIdle() ? Promise.resolve() : new Promise((resolve) => idleWaiters.push(resolve)));
+
+  let sweeping = false;
+  const sweep = async (): Promise<number> => {
+    if (sweeping || stopped) return 0;
+    sweeping = true;
+    try {
+      return await sweepFallbacks(deps);
+    } catch (e) {
+      deps.log.error({ err: e }, 'delivery fallback sweep failed');
+      return 0;
+    } finally {
+      sweeping = false;
+    }
   };
 
   const runOnce = async (): Promise<number> => {
-    let total = 0;
-    while (!stopped) {
-      const due = await claimDue(deps, worker, batch, leaseMs);
-      total += due.length;
-      let i = 0;
-      const lanes = Array.from({ length: Math.min(concurrency, due.length) }, async () => {
-        while (i < due.length) {
-          const d = due[i++];
-          try {
-            await handle(d);
-          } catch (e) {
-            // The claim stays until its lease ends; the row is attempted again then.
-            deps.log.error({ err: e, delivery: d.id }, 'delivery attempt could not be recorded');
-          }
-        }
-      });
-      await Promise.all(lanes);
-      if (due.length < batch) break;
+    const before = handled;
+    for (;;) {
+      kick();
+      await idle();
+      if (stopped || !mayBeDue) break;
     }
-    if (!stopped) total += await sweepFallbacks(deps);
-    return total;
+    return handled - before + (await sweep());
   };
-  const runner = coalescingRunner(runOnce, (e) => deps.log.error({ err: e }, 'delivery round failed'));
-  const kick = runner.kick;
 
-  const listener = new pg.Client({ connectionString: (deps.db.pool as any).options.connectionString });
+  const listener = new pg.Client({ connectionString });
   listener.on('notification', kick);
   listener.on('error', (err) => deps.log.warn({ err }, 'delivery listener lost; polling continues'));
   await listener.connect();
   await listener.query(`LISTEN ${DELIVERIES_CHANNEL}`);
-  const timer = setInterval(kick, opts.pollMs ?? 1000);
+  const timer = setInterval(() => {
+    kick();
+    void sweep();
+  }, opts.pollMs ?? 1000);
   kick();
-  deps.log.info({ worker, plugins: [...plugins.keys()], disabled: Object.fromEntries(disabled) }, 'delivery worker started');
+  deps.log.info({ worker, plugins: [...plugins.keys()], disabled: Object.fromEntries(disabled), batch, concurrency }, 'delivery worker started');
   return {
     name: worker,
     disabled,
@@ -319,7 +630,9 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
       stopped = true;
       clearInterval(timer);
       await listener.end().catch(() => {});
-      await runner.stop();
+      await idle();
+      while (sweeping) await new Promise((r) => setTimeout(r, 10));
+      await Promise.all([claimer.end(), recorder.end()]);
     },
   };
 }

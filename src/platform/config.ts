@@ -39,6 +39,10 @@ export const ConfigSchema = Type.Object(
     deliveryMaxAgeHours: Type.Number({ minimum: 0.001 }),
     /** Lease of a claimed delivery in ms (PARLEY_DELIVERY_LEASE_MS): a worker killed mid-attempt frees its claims after this. */
     deliveryLeaseMs: Type.Integer({ minimum: 100 }),
+    /** Most deliveries a worker claims, and records, in one statement (PARLEY_DELIVERY_BATCH; default 200, docs/delivery.md "Workers"). */
+    deliveryBatch: Type.Optional(Type.Integer({ minimum: 1, maximum: 5000 })),
+    /** Delivery attempts a worker keeps in flight (PARLEY_DELIVERY_CONCURRENCY; default 32). */
+    deliveryConcurrency: Type.Optional(Type.Integer({ minimum: 1, maximum: 5000 })),
     /** DNS timeout for SPF/DKIM/DMARC lookups in ms (PARLEY_DNS_TIMEOUT_MS). */
     dnsTimeoutMs: Type.Integer({ minimum: 50 }),
     /** Skip DNS entirely (PARLEY_DNS_OFFLINE=1): mail authentication results become "none". */
@@ -91,6 +95,8 @@ export const DEFAULT_CONFIG: Config = {
   maxBodyBytes: 1024 * 1024,
   deliveryMaxAgeHours: 120,
   deliveryLeaseMs: 120_000,
+  deliveryBatch: 200,
+  deliveryConcurrency: 32,
   dnsTimeoutMs: 1500,
   dnsOffline: false,
   sessionDays: 30,
@@ -120,6 +126,8 @@ const ENV: Record<string, keyof Config> = {
   PARLEY_MAX_BODY_BYTES: 'maxBodyBytes',
   PARLEY_DELIVERY_MAX_AGE_HOURS: 'deliveryMaxAgeHours',
   PARLEY_DELIVERY_LEASE_MS: 'deliveryLeaseMs',
+  PARLEY_DELIVERY_BATCH: 'deliveryBatch',
+  PARLEY_DELIVERY_CONCURRENCY: 'deliveryConcurrency',
   PARLEY_DNS_TIMEOUT_MS: 'dnsTimeoutMs',
   PARLEY_DNS_OFFLINE: 'dnsOffline',
   PARLEY_SESSION_DAYS: 'sessionDays',
