@@ -29,7 +29,8 @@ import type { ConversationState } from '../core/reducer.ts';
 import type { Config } from '../platform/config.ts';
 import { AppError, badRequest, conflict, forbidden, tooLarge, tooManyRequests } from '../platform/errors.ts';
 import { parseActionSig } from './action-signatures.ts';
-import { type VerifiedPeer, parseKeyId } from './http-signatures.ts';
+import { SIGNATURE_LABEL, type VerifiedPeer, parseKeyId } from './http-signatures.ts';
+import { StructuredFieldError, isInnerList, parseDictionary } from './structured-fields.ts';
 import { actorOriginCheck, federationOf } from './runtime.ts';
 
 /** Most actions in one pushed or proposed batch (issue 3 §9); larger batches get 413 batch_too_large. */
@@ -130,19 +131,28 @@ export function rateLimiterOf(deps: Pick<Deps, 'db' | 'config' | 'clock'>): Peer
 }
 
 /**
- * The platform a request claims to come from: the platform part of the keyid of its
- * `parley` signature (or its first one), unverified. Null when the request is not signed
- * in a form this can read — `requirePlatform` then refuses it with the precise reason.
+ * The platform a request claims to come from: the platform part of the keyid of the
+ * signature `requirePlatform` will verify — parsed as verifyRequest parses it (RFC 8941
+ * dictionary; the `parley` member, else the first) so the two cannot disagree — but not yet
+ * verified. Null when the request is not signed in a form this can read: `requirePlatform`
+ * then refuses it with the precise reason.
  */
 export function claimedPeer(req: Pick<FastifyRequest, 'headers'>): string | null {
   const raw = req.headers['signature-input'];
   const input = Array.isArray(raw) ? raw.join(', ') : raw;
   if (!input) return null;
-  // The parley member if present, else the first; its keyid parameter. A full RFC 8941 parse
-  // happens in verifyRequest; a keyid hidden from this scan is refused there or here alike.
-  const m = /(?:^|,)\s*parley=\([^)]*\)([^,]*)/.exec(input) ?? /^\s*[a-z*][a-z0-9_.*-]*=\([^)]*\)([^,]*)/.exec(input);
-  const k = m ? /;\s*keyid="([^"\\]*)"/.exec(m[1]) : null;
-  return k ? (parseKeyId(k[1])?.platform ?? null) : null;
+  let inputs;
+  try {
+    inputs = parseDictionary(input);
+  } catch (e) {
+    if (e instanceof StructuredFieldError) return null;
+    throw e;
+  }
+  const label = inputs.has(SIGNATURE_LABEL) ? SIGNATURE_LABEL : [...inputs.keys()][0];
+  const params = label !== undefined ? inputs.get(label) : undefined;
+  if (!params || !isInnerList(params)) return null;
+  const keyId = params.params.get('keyid');
+  return typeof keyId === 'string' ? (parseKeyId(keyId)?.platform ?? null) : null;
 }
 
 /**

@@ -23,7 +23,7 @@ import { sql } from 'kysely';
 import type { Deps } from '../context.ts';
 import type { Action, FileRef } from '../core/actions.ts';
 import { AppError, badRequest, notFound, tooLarge } from '../platform/errors.ts';
-import { isDomainAllowed } from './abuse.ts';
+import { checkPeerAllowed, isDomainAllowed } from './abuse.ts';
 import { parseActionSig } from './action-signatures.ts';
 import { federationRequest } from './client.ts';
 import { DiscoveryUnavailable } from './discovery.ts';
@@ -110,10 +110,11 @@ export async function blobRoutes(scope: FastifyInstance, deps: Deps, auth: (req:
       tags: ['federation'],
       summary: "An attachment's bytes, for a platform one of whose users can see a message naming it (issue 3 §7)",
       params: { type: 'object', additionalProperties: false, required: ['sha256'], properties: { sha256: { type: 'string', pattern: '^[0-9a-f]{64}$' } } },
-      response: { 404: { $ref: 'Error#' }, 401: { $ref: 'Error#' } },
+      response: { 401: { $ref: 'Error#' }, 403: { $ref: 'Error#' }, 404: { $ref: 'Error#' }, 429: { $ref: 'Error#' } },
     },
   }, async (req, reply) => {
     const { sha256 } = req.params as { sha256: string };
+    checkPeerAllowed(deps, req.peer!.platform); // the verified peer, whatever the keyid scan before verification saw
     const size = await deps.blobs.size(sha256);
     if (size === null || !(await blobVisibleTo(deps, sha256, req.peer!.platform))) throw notFound('blob', { sha256 });
     reply.header('content-type', 'application/octet-stream');

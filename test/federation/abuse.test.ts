@@ -102,6 +102,10 @@ describe('allow and deny lists (pure)', () => {
     assert.equal(claimedPeer(h('other=("@method");keyid="gamma.test#x", parley=("@method" "content-digest");keyid="beta.test#abc"')), 'beta.test');
     assert.equal(claimedPeer(h('sig1=("@method");created=1;keyid="gamma.test#x"')), 'gamma.test');
     assert.equal(claimedPeer(h('parley=("@method");created=1')), null);
+    // A repeated member: the last one counts, as in the verifier's RFC 8941 parse.
+    assert.equal(claimedPeer(h('parley=("@method");keyid="allowed.test#a", parley=("@method");keyid="evil.test#b"')), 'evil.test');
+    assert.equal(claimedPeer(h('parley=("@method";keyid="x.test#a");keyid="evil.test#b"')), 'evil.test');
+    assert.equal(claimedPeer(h('not a dictionary (')), null);
     assert.equal(claimedPeer({ headers: {} }), null);
   });
 });
