@@ -59,9 +59,21 @@ function deferWrites(tx: Tx): void {
   });
 }
 
+/**
+ * A read that many units of a shared transaction need, done for all of them in one
+ * statement before any runs (e.g. locking their conversations: apply-actions.ts). `read`
+ * returns one result per argument, in order; a unit-specific failure (404, 403) belongs in
+ * the result, for the unit to throw, not thrown by `read`.
+ */
+export interface BatchRead<A, R> {
+  readonly name: string;
+  read(tx: Tx, args: A[]): Promise<R[]>;
+}
+
 interface Unit {
   key: string;
-  fn: (tx: Tx) => Promise<unknown>;
+  fn: (tx: Tx, prefetched: unknown) => Promise<unknown>;
+  prefetch?: { read: BatchRead<unknown, unknown>; arg: unknown };
   resolve: (v: unknown) => void;
   reject: (e: unknown) => void;
   /** Run alone (after a failure that could not be attributed to one unit). */
@@ -101,9 +113,9 @@ class GroupCommitter {
     this.maxTransactions = opts.maxTransactions ?? 2;
   }
 
-  submit<T>(key: string, fn: (tx: Tx) => Promise<T>): Promise<T> {
+  submit<T>(key: string, fn: (tx: Tx, prefetched: unknown) => Promise<T>, prefetch?: Unit['prefetch']): Promise<T> {
     return new Promise<T>((resolve, reject) => {
-      this.queue.push({ key, fn, resolve: resolve as (v: unknown) => void, reject, alone: false });
+      this.queue.push({ key, fn, prefetch, resolve: resolve as (v: unknown) => void, reject, alone: false });
       this.pump();
     });
   }
@@ -144,10 +156,17 @@ class GroupCommitter {
     try {
       const results = await transaction(this.db, async (tx) => {
         deferWrites(tx);
+        const prefetched = new Map<Unit, unknown>();
+        const reads = new Map<BatchRead<unknown, unknown>, Unit[]>();
+        for (const u of batch) if (u.prefetch) reads.set(u.prefetch.read, [...(reads.get(u.prefetch.read) ?? []), u]);
+        for (const [read, units] of reads) {
+          const results = await read.read(tx, units.map((u) => u.prefetch!.arg));
+          units.forEach((u, i) => prefetched.set(u, results[i]));
+        }
         const out: unknown[] = [];
         for (const u of batch) {
           try {
-            out.push(await u.fn(tx));
+            out.push(await u.fn(tx, prefetched.get(u)));
           } catch (e) {
             throw new UnitFailed(u, e);
           }
@@ -179,7 +198,27 @@ const committers = new WeakMap<Db, GroupCommitter>();
  * @throws whatever `fn` throws (the shared transaction is then rolled back and the others rerun), or the commit's error
  */
 export function groupTransaction<T>(db: Db, key: string, fn: (tx: Tx) => Promise<T>, opts: GroupCommitOptions = {}): Promise<T> {
+  return committerOf(db, opts).submit(key, fn);
+}
+
+/**
+ * {@link groupTransaction} whose unit first needs `read` for `arg`: the reads of all units
+ * of the shared transaction that use the same `read` are made in one call, before any unit
+ * runs, and `fn` receives its own result.
+ */
+export function groupTransactionWith<A, R, T>(
+  db: Db,
+  key: string,
+  read: BatchRead<A, R>,
+  arg: A,
+  fn: (tx: Tx, prefetched: R) => Promise<T>,
+  opts: GroupCommitOptions = {},
+): Promise<T> {
+  return committerOf(db, opts).submit(key, fn as (tx: Tx, p: unknown) => Promise<T>, { read: read as BatchRead<unknown, unknown>, arg });
+}
+
+function committerOf(db: Db, opts: GroupCommitOptions): GroupCommitter {
   let c = committers.get(db);
   if (!c) committers.set(db, (c = new GroupCommitter(db, opts)));
-  return c.submit(key, fn);
+  return c;
 }

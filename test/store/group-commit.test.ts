@@ -7,7 +7,7 @@ import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { sql } from 'kysely';
 import { type Db, openDb } from '../../src/store/db.ts';
-import { type RowWriter, groupTransaction, writeRows } from '../../src/store/group-commit.ts';
+import { type BatchRead, type RowWriter, groupTransaction, groupTransactionWith, writeRows } from '../../src/store/group-commit.ts';
 import { createTestDatabase } from '../support/db.ts';
 
 describe('groupTransaction', () => {
@@ -83,5 +83,21 @@ describe('groupTransaction', () => {
     assert.equal((outcomes[1] as PromiseRejectedResult).reason.code, '23505');
     const keys = (await sql<{ k: string }>`select k from items where k like 'g%' order by k`.execute(db.kysely)).rows.map((r) => r.k);
     assert.deepEqual(keys, ['g1', 'g2']);
+  });
+
+  it('makes the batch read of all units sharing a transaction in one call, each unit getting its own result', async () => {
+    const calls: string[][] = [];
+    const lengths: BatchRead<string, number> = {
+      name: 'lengths',
+      read: async (_tx, args) => {
+        calls.push(args);
+        return args.map((a) => a.length);
+      },
+    };
+    const keys = ['h', 'hh', 'hhh', 'hhhh', 'hhhhh', 'hhhhhh'];
+    const results = await Promise.all(keys.map((k) => groupTransactionWith(db, k, lengths, k, async (_tx, n) => `${k}:${n}`)));
+    assert.deepEqual(results, keys.map((k) => `${k}:${k.length}`));
+    assert.deepEqual(calls.flat().sort(), [...keys].sort(), 'every argument read exactly once');
+    assert.ok(calls.length < keys.length, `${keys.length} units, ${calls.length} reads`);
   });
 });

@@ -1,11 +1,15 @@
 import { sql } from 'kysely';
 import type { Action, ActionInput } from '../../core/actions.ts';
 import { LIMITS } from '../../core/actions.ts';
-import { badRequest, forbidden, notFound } from '../../platform/errors.ts';
+import { type AppError, badRequest, forbidden, notFound } from '../../platform/errors.ts';
 import type { Deps } from '../../context.ts';
-import { transaction, type Tx } from '../../store/db.ts';
+import type { Tx } from '../../store/db.ts';
+import { type BatchRead, groupTransactionWith } from '../../store/group-commit.ts';
 import { appendActions } from '../append.ts';
-import type { ConversationRow } from '../store.ts';
+import { type ConversationRow, preloadParticipants } from '../store.ts';
+import type { Selectable } from 'kysely';
+import type { ParticipantsTable } from '../../store/schema.ts';
+import { noteActiveKeyId } from '../../federation/keys.ts';
 import { settleProposal } from '../../federation/proposals.ts';
 
 /** The acting user as the commands see them. */
@@ -14,26 +18,55 @@ export interface Actor {
   address: string;
 }
 
+/** A conversation row as {@link lockConversationsForActors} reads it, with every participant. */
+type LockedRow = ConversationRow & { p_all: Selectable<ParticipantsTable>[]; active_key_id: string | null };
+
+/** What locking one conversation for one actor gave: the row, or the actor's error. */
+type LockOutcome = { row: ConversationRow } | { error: AppError };
+
 /**
- * Locks the conversation `key` for this transaction and authorises `user` to act on it, in
- * one round trip: 404 when they cannot see it at all (never a participant, or someone
- * else's draft), 403 `removed` after their removal.
+ * Locks the conversations named by `reqs` (published or draft keys) for this transaction,
+ * in id order (so concurrent batches never deadlock), and authorises each actor, in one
+ * statement: per request, the row or the actor's error — 404 when they cannot see it at all
+ * (never a participant, or someone else's draft), 403 `removed` after their removal. The
+ * same statement reads every participant (handed to loadState: store.ts
+ * preloadParticipants) and the id of the platform's active signing key (federation/keys.ts
+ * noteActiveKeyId), so an append needs no other read before it writes.
+ */
+export async function lockConversationsForActors(tx: Tx, reqs: { key: string; user: Actor }[]): Promise<LockOutcome[]> {
+  const keys = [...new Set(reqs.map((r) => r.key))];
+  const r = await sql<LockedRow>`
+    select c.*, (select coalesce(json_agg(pa), '[]') from participants pa where pa.conv_id = c.id) as p_all,
+           (select k.key_id from platform_keys k where k.retired_at is null limit 1) as active_key_id
+      from conversations c
+     where c.key = any(${keys}::text[]) or c.draft_key = any(${keys}::text[])
+     order by c.id
+       for update of c`.execute(tx);
+  return reqs.map(({ key, user }) => {
+    const found = r.rows.find((c) => c.key === key || c.draft_key === key);
+    const p = found?.p_all.find((x) => x.address === user.address);
+    if (!found || !p || p.user_id !== user.id || (!found.published && found.creator !== user.address)) return { error: notFound('conversation') };
+    if (p.removed_id !== null)
+      return { error: forbidden('removed', `you were removed from this conversation at action ${p.removed_id}`, { removed_id: p.removed_id }) };
+    const { p_all, active_key_id, ...conv } = found;
+    preloadParticipants(conv as ConversationRow, p_all);
+    if (active_key_id) noteActiveKeyId(tx, active_key_id);
+    return { row: conv as ConversationRow };
+  });
+}
+
+/** {@link lockConversationsForActors} as a read shared by the units of a group transaction. */
+const lockRead: BatchRead<{ key: string; user: Actor }, LockOutcome> = { name: 'lock conversations for actors', read: lockConversationsForActors };
+
+/**
+ * Locks the conversation `key` for this transaction and authorises `user` to act on it
+ * ({@link lockConversationsForActors} for one request).
+ * @throws AppError 404 conversation, 403 removed
  */
 export async function lockForActor(tx: Tx, key: string, user: Actor): Promise<ConversationRow> {
-  const r = await sql<ConversationRow & { p_user_id: number | null; p_removed_id: number | null; p_found: boolean }>`
-    select c.*, p.user_id as p_user_id, p.removed_id as p_removed_id, p.address is not null as p_found
-      from conversations c
-      left join participants p on p.conv_id = c.id and p.address = ${user.address}
-     where c.key = ${key} or c.draft_key = ${key}
-       for update of c`.execute(tx);
-  const row = r.rows[0];
-  if (!row || !row.p_found || row.p_user_id !== user.id || (!row.published && row.creator !== user.address)) throw notFound('conversation');
-  if (row.p_removed_id !== null)
-    throw forbidden('removed', `you were removed from this conversation at action ${row.p_removed_id}`, {
-      removed_id: row.p_removed_id,
-    });
-  const { p_user_id: _u, p_removed_id: _r, p_found: _f, ...conv } = row;
-  return conv as ConversationRow;
+  const [outcome] = await lockConversationsForActors(tx, [{ key, user }]);
+  if ('error' in outcome) throw outcome.error;
+  return outcome.row;
 }
 
 /** The answer of {@link applyActions}. */
@@ -65,9 +98,9 @@ export async function applyActions(deps: Deps, user: Actor, key: string, inputs:
     if (i.act === 'conv:publish') throw badRequest('invalid_action', 'publish with POST /api/conversations/{key}/publish');
     if (i.source !== undefined) throw badRequest('invalid_action', 'source is set by the platform');
   }
-  const r = await transaction(deps.db, async (tx) => {
-    const row = await lockForActor(tx, key, user);
-    return appendActions(tx, deps, row, user.address, inputs);
+  const r = await groupTransactionWith(deps.db, key, lockRead, { key, user }, async (tx, locked) => {
+    if ('error' in locked) throw locked.error;
+    return appendActions(tx, deps, locked.row, user.address, inputs);
   });
   if (r.proposal === undefined) return { actions: r.actions };
   const outcome = await settleProposal(deps, r.proposal);
