@@ -113,7 +113,8 @@ export async function pushLink(deps: Deps, link: LinkRow): Promise<void> {
         /* judged by status */
       }
       if (r.status === 200 && Number.isInteger(body?.last_id)) {
-        acked = Math.max(acked, Math.min(body.last_id, batch.at(-1)!.id));
+        // The replica's last id: beyond the batch when it joined by fetching the whole log.
+        acked = Math.max(acked, body.last_id);
         failures = 0;
         gaps = 0;
         await saveLink(deps, link, acked, 0, null, false);

@@ -16,7 +16,7 @@ import { findConversation, readActions } from '../conversations/store.ts';
 import { checkPeerBatch, fetchMissingBlobs, MAX_PUSH_ACTIONS } from './hooks.ts';
 import { samePlatform } from './outbox.ts';
 import { acceptProposal } from './proposals.ts';
-import { backfillFrom, batchOf, receiveActions, UnknownConversation } from './replication.ts';
+import { batchOf, joinFromLeader, receiveActions, UnknownConversation } from './replication.ts';
 import { verifiedJson } from './routes.ts';
 
 const err = { $ref: 'Error#' };
@@ -51,8 +51,8 @@ export async function replicationRoutes(scope: FastifyInstance, deps: Deps, auth
       return { last_id: (await receiveActions(deps, peer.platform, key, actions)).last_id };
     } catch (e) {
       if (!(e instanceof UnknownConversation)) throw e;
-      // Never seen here (a participant added later, a missed publish): fetch the log first.
-      await backfillFrom(deps, peer.platform, key, 0, actions[0].id - 1);
+      // Never seen here (a participant added later, a missed publish): fetch the whole log and join.
+      await joinFromLeader(deps, peer.platform, key);
       return { last_id: (await receiveActions(deps, peer.platform, key, actions)).last_id };
     }
   });

@@ -11,12 +11,13 @@
  */
 import { sql } from 'kysely';
 import type { Action } from '../core/actions.ts';
-import { referencedMessages } from '../core/reducer.ts';
+import { applyAction, emptyState, referencedMessages } from '../core/reducer.ts';
 import { type Deps, isLocalAddress, primaryDomain } from '../context.ts';
 import { AppError, forbidden } from '../platform/errors.ts';
 import { isUniqueViolation, transaction, type Tx } from '../store/db.ts';
 import { localUserIds, storeActions } from '../conversations/append.ts';
-import { type ConversationRow, insertConversation, loadedParticipantRows, loadState, lockConversation } from '../conversations/store.ts';
+import { recordEffects } from '../conversations/effects.ts';
+import { type ConversationRow, insertConversation, loadedParticipantRows, loadState, lockConversation, persistState } from '../conversations/store.ts';
 import { parseActionSig } from './action-signatures.ts';
 import { signedFetch } from './client.ts';
 import { fetchMissingBlobs, MAX_PUSH_ACTIONS } from './hooks.ts';
@@ -134,8 +135,8 @@ async function createReplica(tx: Tx, deps: Deps, leader: string, key: string, ac
   if (!(await samePlatform(deps, signer, leader)))
     throw forbidden('not_leader', `${leader} does not lead conversation ${key}: its conv:create was signed by ${signer}`, { leader: signer });
   if (signer === primaryDomain(deps)) throw forbidden('not_leader', `this platform created ${key}; it is not a replica of it`);
-  if (![...s.participants.keys()].some((a) => isLocalAddress(deps, a)))
-    throw forbidden('no_local_participant', `no address of this platform takes part in conversation ${key}`);
+  // A participant of ours added later than this batch: the whole log is needed (joinFromLeader).
+  if (![...s.participants.keys()].some((a) => isLocalAddress(deps, a))) throw new UnknownConversation(key);
   const id = await insertConversation(tx, h, signer, null);
   const row = (await lockConversation(tx, key))!;
   const newUserIds = await localUserIds(tx, deps, [...s.participants.keys()]);
@@ -201,9 +202,79 @@ export async function localLastId(deps: Deps, key: string): Promise<number> {
   return r?.last_id ?? 0;
 }
 
+/** Most actions a platform joining a conversation takes in (the whole log is held in memory to verify it). */
+export const MAX_JOIN_ACTIONS = 200_000;
+
 /**
- * Stores actions received from the leader, joining (whole log from action 1) or backfilling
- * first when they do not continue the local log.
+ * Joins conversation `key`, never seen here, from its leader (issue 3 §5: a participant added
+ * later, a missed publish): fetches the whole log (`GET …/log?since=N&limit=500`, page by
+ * page, up to the leader's `last_id`), verifies all of it from nothing (hashes, chain,
+ * signatures, origin rule, core rules), checks that action 1 is the leader's and that one of
+ * this platform's addresses takes part, then stores it in one transaction — in chunks of
+ * 500 actions, each with its effects (folders, stream events) — or nothing.
+ * @returns the last action id stored
+ * @throws AppError 502 peer_unavailable / peer_refused, 403 no_local_participant / not_leader, 422 invalid_log
+ */
+export async function joinFromLeader(deps: Deps, leader: string, key: string): Promise<number> {
+  const base = await platformUrl(deps, leader);
+  const log: Action[] = [];
+  for (;;) {
+    let r: Response;
+    try {
+      r = await signedFetch(deps, `${base}/federation/v1/conversations/${key}/log?since=${log.length}&limit=${MAX_PUSH_ACTIONS}`);
+    } catch (e) {
+      throw new AppError(502, 'peer_unavailable', `${leader}: ${(e as Error).message}`);
+    }
+    const text = await r.text();
+    if (r.status !== 200) throw new AppError(502, 'peer_refused', `${leader} answered ${r.status} to a log request: ${text.slice(0, 300)}`);
+    const body = JSON.parse(text) as { actions: unknown; last_id: number };
+    if (!Array.isArray(body.actions) || body.actions.length === 0) break;
+    const page = batchOf(body);
+    if (page[0].id !== log.length + 1) throw invalidLog(page[0].id, 'sequence_mismatch', `the log page starts at ${page[0].id}, not ${log.length + 1}`);
+    log.push(...page);
+    if (log.length >= body.last_id) break;
+    if (log.length > MAX_JOIN_ACTIONS) throw new AppError(413, 'log_too_large', `conversation ${key} has more than ${MAX_JOIN_ACTIONS} actions`);
+  }
+  if (log.length === 0) throw new AppError(502, 'peer_refused', `${leader} sent an empty log for ${key}`);
+  await fetchMissingBlobs(deps, { platform: leader }, log);
+  const check = await verifyReceivedLog(deps, log);
+  if (!check.ok) throw invalidLog(check.id, check.reason, check.message, check.code);
+  const h = check.state.header!;
+  if (!h.published) throw invalidLog(null, 'not_published', 'drafts are never replicated: the log has no conv:publish');
+  const signer = parseActionSig(log[0].sig)!.platform;
+  if (!(await samePlatform(deps, signer, leader)) || signer === primaryDomain(deps))
+    throw forbidden('not_leader', `${leader} does not lead conversation ${key}: its conv:create was signed by ${signer}`, { leader: signer });
+  if (![...check.state.participants.keys()].some((a) => isLocalAddress(deps, a)))
+    throw forbidden('no_local_participant', `no address of this platform takes part in conversation ${key}`);
+  try {
+    return await transaction(deps.db, async (tx) => {
+      if (await lockConversation(tx, key)) throw new JoinedMeanwhile();
+      const id = await insertConversation(tx, h, signer, null);
+      const userIds = await localUserIds(tx, deps, [...check.state.participants.keys()]);
+      // Replayed chunk by chunk (already verified): each chunk persisted with what it touched.
+      const s = emptyState();
+      for (let i = 0; i < log.length; i += MAX_PUSH_ACTIONS) {
+        const chunk = log.slice(i, i + MAX_PUSH_ACTIONS);
+        const wasPublished = s.header?.published ?? false;
+        s.touched = { header: false, participants: new Set(), messages: new Set() };
+        for (const a of chunk) applyAction(s, a);
+        await persistState(tx, id, s, chunk, userIds);
+        await recordEffects(tx, deps, id, s, chunk, wasPublished);
+      }
+      await markProposalsApplied(tx, id, log);
+      return h.last_id;
+    });
+  } catch (e) {
+    if (e instanceof JoinedMeanwhile || isUniqueViolation(e)) return localLastId(deps, key);
+    throw e;
+  }
+}
+
+class JoinedMeanwhile extends Error {}
+
+/**
+ * Stores actions received from the leader, joining (whole log) or backfilling first when
+ * they do not continue the local log.
  */
 export async function receiveOrCatchUp(deps: Deps, leader: string, key: string, actions: Action[]): Promise<Received> {
   try {
@@ -212,7 +283,8 @@ export async function receiveOrCatchUp(deps: Deps, leader: string, key: string, 
     const unknown = e instanceof UnknownConversation;
     const gap = e instanceof AppError && e.code === 'gap';
     if (!unknown && !gap) throw e;
-    await backfillFrom(deps, leader, key, unknown ? 0 : ((e as AppError).details!.last_id as number), actions[0].id - 1);
+    if (unknown) await joinFromLeader(deps, leader, key);
+    else await backfillFrom(deps, leader, key, (e as AppError).details!.last_id as number, actions[0].id - 1);
     return receiveActions(deps, leader, key, actions);
   }
 }

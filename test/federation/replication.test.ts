@@ -28,7 +28,15 @@ describe('replication between platforms (real processes)', () => {
     assert.equal(r.status, status, JSON.stringify(r.body));
     return r.body;
   };
-  const lastOf = (actions: { id: number }[]) => actions.at(-1)!.id;
+  /** Posts `n` messages as `u`, `per` actions per request; returns the last action. */
+  const postMany = async (u: ApiClient, key: string, n: number, label: string, per = 100) => {
+    let last: any;
+    for (let i = 0; i < n; i += per) {
+      const actions = Array.from({ length: Math.min(per, n - i) }, (_, j) => ({ act: 'message:add', body: `${label} ${i + j + 1}` }));
+      last = ok(await u.post(`/api/conversations/${key}/actions`, { actions })).actions.at(-1);
+    }
+    return last;
+  };
   /** Waits until `p` holds exactly `expected` (ids and hashes) for `key`. */
   const converged = (p: FedPlatform, key: string, expected: [number, string][], timeoutMs = 30_000) =>
     waitUntil(
@@ -145,5 +153,82 @@ describe('replication between platforms (real processes)', () => {
     const stop = await A.pool.query(`select l.stop_id, l.acked_id from federation_links l join conversations c on c.id = l.conv_id where c.key = $1 and l.platform = 'gamma.test'`, [key]);
     assert.deepEqual(stop.rows[0], { stop_id: leave.id, acked_id: leave.id });
     // And C may not backfill past it either (checked by the leader's answer to C's signed request): see the backfill test below.
+  });
+
+  it('Done means 4: a participant on a fourth platform added after 500 actions receives the whole conversation', async () => {
+    const alice = await A.user('amy@alpha.test');
+    await B.user('ben@beta.test');
+    const dan = await D.user('dan@delta.test');
+    const key = ok(await alice.post('/api/conversations', { subject: 'Long before delta', participants: ['ben@beta.test'], messages: [{ body: 'start' }] }), 201).key;
+    await postMany(alice, key, 500, 'early');
+    const added = ok(await alice.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'participant:add', participant: 'dan@delta.test' }] })).actions[0];
+    assert.ok(added.id > 500);
+    const expected = await leaderLog(key, added.id);
+    await converged(D, key, expected, 60_000);
+    await converged(B, key, expected, 60_000);
+    // dan sees every message and can write: his proposal is numbered by A and reaches B.
+    const onD = ok(await dan.get(`/api/conversations/${key}`));
+    assert.equal(onD.messages.length, 501);
+    assert.equal(onD.messages.at(-1).body, 'early 500');
+    const own = ok(await dan.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:add', body: 'hello from delta' }] })).actions[0];
+    assert.equal(own.id, added.id + 1);
+    await converged(B, key, await leaderLog(key, own.id));
+  });
+
+  it('Done means 2: B killed (SIGKILL) while A pushes 1,000 actions converges with no loss and no duplicate', async () => {
+    const alice = await A.user('kim@alpha.test');
+    const bea = await B.user('bea@beta.test');
+    const key = ok(await alice.post('/api/conversations', { subject: 'Under fire', participants: ['bea@beta.test'], messages: [{ body: 'start' }] }), 201).key;
+    // The first 300 of 1,000 actions, then B dies mid-stream while A keeps appending and pushing.
+    await postMany(alice, key, 300, 'burst');
+    await waitUntil('B to store some of the burst', async () => (await logOf(B, key)).length > 3);
+    await B.kill('SIGKILL');
+    const last = await postMany(alice, key, 700, 'burst-more');
+    const expected = await leaderLog(key, last.id);
+    assert.equal(expected.length, last.id);
+    assert.ok(expected.length >= 1000);
+    await B.start();
+    await converged(B, key, expected, 180_000);
+    // No loss, no duplicate: each message once, in order, as on A.
+    const bodies = async (p: FedPlatform) =>
+      (await p.pool.query(`select m.body from messages m join conversations c on c.id = m.conv_id where c.key = $1 order by m.id`, [key])).rows.map((r) => r.body);
+    const onB = await bodies(B);
+    assert.equal(onB.length, 1001);
+    assert.equal(new Set(onB).size, 1001);
+    assert.deepEqual(onB, await bodies(A));
+    // bea's view on B: the whole conversation.
+    assert.equal(ok(await bea.get(`/api/conversations/${key}`)).messages.length, 1001);
+  });
+
+  it('Done means 2: a post on B while the leader A is stopped is pending, then applied exactly once when A is back, and reaches everyone', async () => {
+    const alice = await A.user('lee@alpha.test');
+    const bo = await B.user('bo@beta.test');
+    const cy = await C.user('cy@gamma.test');
+    const key = ok(await alice.post('/api/conversations', { subject: 'Leader away', participants: ['bo@beta.test', 'cy@gamma.test'], messages: [{ body: 'before' }] }), 201).key;
+    await waitUntil('bo to see the conversation', async () => (await bo.get(`/api/conversations/${key}`)).status === 200);
+    await waitUntil('cy to see the conversation', async () => (await cy.get(`/api/conversations/${key}`)).status === 200);
+
+    await A.kill('SIGTERM');
+    const posted = await bo.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:add', body: 'written while alpha was down' }] });
+    assert.equal(posted.status, 202, JSON.stringify(posted.body));
+    assert.equal(posted.body.pending, true);
+    assert.equal(posted.body.actions[0].body, 'written while alpha was down');
+    const whileDown = ok(await bo.get(`/api/conversations/${key}`));
+    assert.equal(whileDown.pending.length, 1);
+    assert.equal(whileDown.pending[0].state, 'pending');
+    assert.equal(whileDown.pending[0].actions[0].body, 'written while alpha was down');
+    assert.equal(whileDown.messages.length, 1, 'not in the log before the leader numbers it');
+
+    await A.start();
+    const count = async (p: FedPlatform) =>
+      Number((await p.pool.query(`select count(*) from messages m join conversations c on c.id = m.conv_id where c.key = $1 and m.body = $2`, [key, 'written while alpha was down'])).rows[0].count);
+    await waitUntil('the pending post to be applied on A', async () => (await count(A)) > 0, 180_000);
+    const expected = await logOf(A, key);
+    await converged(B, key, expected);
+    await converged(C, key, expected);
+    for (const p of [A, B, C]) assert.equal(await count(p), 1, `exactly once on ${p.domain}`);
+    const after = ok(await bo.get(`/api/conversations/${key}`));
+    assert.deepEqual(after.pending, [], 'nothing pending any more');
+    assert.equal(ok(await cy.get(`/api/conversations/${key}`)).messages.at(-1).body, 'written while alpha was down');
   });
 });
