@@ -50,6 +50,12 @@ export interface FederationFigures {
   federation_p50_ms: number;
   federation_p99_ms: number;
   federation_max_ms: number;
+  /**
+   * The replication part: A's `200` received → the frame on B, ms (negative when the frame
+   * came first). The rest of `federation_p*_ms` is A's append itself under the load.
+   */
+  federation_after_response_p50_ms: number;
+  federation_after_response_p99_ms: number;
   /** Actions measured, and actions whose frame never came (must be 0). */
   federation_samples: number;
   federation_missing: number;
@@ -239,6 +245,8 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
     }, 'the conversations on B');
 
     const sentAt = new Map<string, number>();
+    const answeredAt = new Map<string, number>();
+    const frameAt = new Map<string, number>();
     const latencies: number[] = [];
     let lastFrame = 0;
     const onFrame = (f: any) => {
@@ -248,6 +256,7 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
       if (t === undefined) return;
       lastFrame = performance.now();
       latencies.push(lastFrame - t);
+      frameAt.set(tag!, lastFrame);
       sentAt.delete(tag!);
     };
     sockets.push(...(await Promise.all(readerClients.map((c) => openSocket(B.base, c.token!, onFrame)))));
@@ -261,6 +270,7 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
           const tag = `${c}:${n}`;
           sentAt.set(tag, performance.now());
           const r = await w.request('POST', `/api/conversations/${keys[c]}/actions`, { actions: [{ act: 'message:add', body: messageBody(`fed:${tag}`) }] });
+          answeredAt.set(tag, performance.now());
           expectStatus(r, 200, 'append on A');
         }
       }),
@@ -273,11 +283,14 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
     const cpuA = processCpuMs(A.proc!.pid) - cpuA0;
     const cpuB = processCpuMs(B.proc!.pid) - cpuB0;
     latencies.sort((a, b) => a - b);
+    const afterResponse = [...frameAt.entries()].map(([tag, at]) => at - answeredAt.get(tag)!).sort((a, b) => a - b);
     const live = {
       federation_actions_per_s: round(replicated / (((sentAt.size ? performance.now() : lastFrame) - t0) / 1000), 1),
       federation_p50_ms: round(percentile(latencies, 50)),
       federation_p99_ms: round(percentile(latencies, 99)),
       federation_max_ms: round(latencies.at(-1) ?? NaN),
+      federation_after_response_p50_ms: round(percentile(afterResponse, 50)),
+      federation_after_response_p99_ms: round(percentile(afterResponse, 99)),
       federation_samples: latencies.length,
       federation_missing: sentAt.size,
       federation_a_cpu_ms_per_action: round(cpuA / Math.max(1, replicated), 3),
@@ -285,7 +298,7 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
     };
     progress(
       `federation: ${replicated}/${total} actions on B in ${round((lastFrame - t0) / 1000, 2)} s (appends took ${round((sendDone - t0) / 1000, 2)} s): ` +
-        `${live.federation_actions_per_s}/s, p50 ${live.federation_p50_ms} ms, p99 ${live.federation_p99_ms} ms; CPU/action A ${live.federation_a_cpu_ms_per_action} ms, B ${live.federation_b_cpu_ms_per_action} ms`,
+        `${live.federation_actions_per_s}/s, p50 ${live.federation_p50_ms} ms, p99 ${live.federation_p99_ms} ms (after A's answer: p50 ${live.federation_after_response_p50_ms}, p99 ${live.federation_after_response_p99_ms} ms); CPU/action A ${live.federation_a_cpu_ms_per_action} ms, B ${live.federation_b_cpu_ms_per_action} ms`,
     );
     for (const s of sockets.splice(0)) s.close();
 
