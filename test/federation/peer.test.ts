@@ -178,7 +178,7 @@ describe('a misbehaving peer against a real platform', () => {
     return request(method, url, headers, method === 'GET' ? undefined : bytes);
   };
   const request = async (method: string, url: string, headers: Record<string, string>, body?: Buffer) => {
-    const r = await fetch(url, { method, headers, body });
+    const r = await fetch(url, { method, headers, body: body as BodyInit | undefined });
     const text = await r.text();
     let json: any = null;
     try {
