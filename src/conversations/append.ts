@@ -113,7 +113,9 @@ export async function checkFiles(tx: Tx, inputs: ActionInput[]): Promise<void> {
  * here: the actions are built the same way on the head this platform knows (after its
  * pending proposals), signed, and stored as a pending proposal to the leader
  * (federation/proposals.ts); `proposal` is then its id and `actions` are numbered
- * provisionally — the leader's numbering comes back by replication.
+ * provisionally — the leader's numbering comes back by replication. With `inline` the
+ * caller sends the proposal itself right after the commit (settleProposal); otherwise the
+ * federation worker is woken to send it (an email reply arriving at a follower, issue 3 §8).
  * @returns the new actions, sealed (and the proposal id on a follower)
  * @throws AppError from the reducer (400/403/409) — the transaction must then roll back
  */
@@ -123,12 +125,13 @@ export async function appendActions(
   row: ConversationRow,
   actor: string,
   inputs: ActionInput[],
+  opts: { inline?: boolean } = {},
 ): Promise<{ actions: Action[]; state: ConversationState; proposal?: number }> {
   const clean = inputs.map(cleanInput);
   await checkFiles(tx, clean);
   if (row.published && row.leader !== primaryDomain(deps)) {
     await resolveLocalUsers(tx, deps, clean.filter((a) => a.act === 'participant:add').map((a) => a.participant!));
-    return proposeInTx(tx, deps, row, actor, clean);
+    return proposeInTx(tx, deps, row, actor, clean, opts.inline ?? false);
   }
   const state = await loadState(tx, row, referencedMessages(clean));
   const h = state.header!;

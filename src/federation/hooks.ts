@@ -2,13 +2,14 @@
  * Extension points of the replication endpoints (docs/federation.md, "Replication"), called
  * by src/federation/replication-routes.ts on every push, proposal and joined log page
  * **after** the request signature is verified and the body parsed, and **before** anything
- * is verified against the conversation or stored. Both are no-ops here: abuse controls
- * (issue 3 §9, src/federation/abuse.ts) and attachment transfer (issue 3 §7,
- * src/federation/blobs.ts) plug in by making these functions call theirs.
+ * is verified against the conversation or stored. They call the abuse controls (issue 3 §9,
+ * src/federation/abuse.ts) and the attachment transfer (issue 3 §7, src/federation/blobs.ts).
  */
 import type { Action } from '../core/actions.ts';
 import type { Deps } from '../context.ts';
 import type { VerifiedPeer } from './http-signatures.ts';
+import { checkPeerBatch as abuseCheck } from './abuse.ts';
+import { fetchMissingBlobs as fetchBlobs } from './blobs.ts';
 
 /** What a replication request carries, for the abuse checks. */
 export interface PeerBatch {
@@ -30,8 +31,8 @@ export interface PeerBatch {
  * pushes only from the conversation's leader, proposals only signed by the proposing
  * platform for actors it may speak for (origin rule) who are participants (reducer).
  */
-export async function checkPeerBatch(_deps: Deps, _peer: VerifiedPeer, _batch: PeerBatch): Promise<void> {
-  // No-op until src/federation/abuse.ts plugs in.
+export async function checkPeerBatch(deps: Deps, peer: VerifiedPeer | { platform: string }, batch: PeerBatch): Promise<void> {
+  await abuseCheck(deps, peer, batch);
 }
 
 /**
@@ -40,8 +41,8 @@ export async function checkPeerBatch(_deps: Deps, _peer: VerifiedPeer, _batch: P
  * stored: replicated messages keep their attachments (`attachments.sha256` references
  * `blobs`). Throw an AppError to refuse the batch (nothing is stored); the sender retries.
  */
-export async function fetchMissingBlobs(_deps: Deps, _peer: VerifiedPeer | { platform: string }, _actions: Action[]): Promise<void> {
-  // No-op until src/federation/blobs.ts plugs in.
+export async function fetchMissingBlobs(deps: Deps, peer: VerifiedPeer | { platform: string }, actions: Action[]): Promise<void> {
+  await fetchBlobs(deps, peer, actions);
 }
 
 /** Most actions in one push, proposal or log page (the sender splits larger catch-ups). */

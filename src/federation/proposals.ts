@@ -24,7 +24,7 @@ import { applyAction, type ConversationState, referencedMessages } from '../core
 import { type Deps, primaryDomain } from '../context.ts';
 import { isoTime } from '../platform/clock.ts';
 import { AppError, conflict, notFound } from '../platform/errors.ts';
-import { transaction, type Tx } from '../store/db.ts';
+import { notifyAfterCommit, transaction, type Tx } from '../store/db.ts';
 import { localUserIds, storeActions } from '../conversations/append.ts';
 import { type ConversationRow, loadedParticipantRows, loadState, lockConversation, readActions } from '../conversations/store.ts';
 import { cloneState, parseActionSig, signActions } from './action-signatures.ts';
@@ -98,17 +98,25 @@ async function buildOnHead(tx: Tx, deps: Deps, row: ConversationRow, actor: stri
 /**
  * Builds `actor`'s actions on a conversation led elsewhere and stores them as a pending
  * proposal, in the caller's transaction (row locked, actor authorised, inputs cleaned).
- * The proposal is left to the caller for {@link INLINE_LEASE_MS} (the API sends it at once);
- * after that the federation worker sends it.
+ * With `inline` the proposal is left to the caller for {@link INLINE_LEASE_MS} (the API sends
+ * it at once, settleProposal); otherwise the federation worker is woken to send it.
  * @returns the proposed actions, the state after them, and the proposal id
  */
-export async function proposeInTx(tx: Tx, deps: Deps, row: ConversationRow, actor: string, inputs: ActionInput[]): Promise<{ actions: Action[]; state: ConversationState; proposal: number }> {
+export async function proposeInTx(
+  tx: Tx,
+  deps: Deps,
+  row: ConversationRow,
+  actor: string,
+  inputs: ActionInput[],
+  inline: boolean,
+): Promise<{ actions: Action[]; state: ConversationState; proposal: number }> {
   const { actions, state } = await buildOnHead(tx, deps, row, actor, inputs, null);
   const r = await sql<{ id: number }>`
     insert into federation_proposals (conv_id, leader, actor, inputs, actions, next_attempt_at)
     values (${row.id}, ${row.leader}, ${actor}, ${JSON.stringify(inputs)}::jsonb, ${JSON.stringify(actions)}::jsonb,
-            now() + ${`${INLINE_LEASE_MS} milliseconds`}::interval)
+            now() + ${`${inline ? INLINE_LEASE_MS : 0} milliseconds`}::interval)
     returning id`.execute(tx);
+  if (!inline) await notifyAfterCommit(tx, FEDERATION_CHANNEL, '');
   return { actions, state, proposal: r.rows[0].id };
 }
 

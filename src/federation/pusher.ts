@@ -70,7 +70,11 @@ async function nextBatch(deps: Deps, link: LinkRow, acked: number): Promise<Acti
   const stop = await sql<{ stop_id: number | null }>`select stop_id from federation_links where conv_id = ${link.conv_id} and platform = ${link.platform}`.execute(deps.db.kysely);
   const target = Math.min(c.last_id, stop.rows[0]?.stop_id ?? c.last_id);
   if (acked >= target) return [];
-  const actions = await readActions(deps.db.kysely, link.conv_id, acked + 1, target, MAX_PUSH_ACTIONS);
+  // A platform new to a conversation longer than a batch gets its last batch: it does not know
+  // the conversation, so it fetches the whole log (GET …/log) and joins — which a first batch
+  // without its participant (added later) would not let it do.
+  const from = acked === 0 && target > MAX_PUSH_ACTIONS ? target - MAX_PUSH_ACTIONS + 1 : acked + 1;
+  const actions = await readActions(deps.db.kysely, link.conv_id, from, target, MAX_PUSH_ACTIONS);
   let bytes = 0;
   let n = 0;
   for (const a of actions) {

@@ -20,7 +20,7 @@ import { recordEffects } from '../conversations/effects.ts';
 import { type ConversationRow, insertConversation, loadedParticipantRows, loadState, lockConversation, persistState } from '../conversations/store.ts';
 import { parseActionSig } from './action-signatures.ts';
 import { signedFetch } from './client.ts';
-import { fetchMissingBlobs, MAX_PUSH_ACTIONS } from './hooks.ts';
+import { checkPeerBatch, fetchMissingBlobs, MAX_PUSH_ACTIONS } from './hooks.ts';
 import { samePlatform } from './outbox.ts';
 import { discoverPlatform, verifyReceivedLog } from './runtime.ts';
 
@@ -135,8 +135,8 @@ async function createReplica(tx: Tx, deps: Deps, leader: string, key: string, ac
   if (!(await samePlatform(deps, signer, leader)))
     throw forbidden('not_leader', `${leader} does not lead conversation ${key}: its conv:create was signed by ${signer}`, { leader: signer });
   if (signer === primaryDomain(deps)) throw forbidden('not_leader', `this platform created ${key}; it is not a replica of it`);
-  // A participant of ours added later than this batch: the whole log is needed (joinFromLeader).
-  if (![...s.participants.keys()].some((a) => isLocalAddress(deps, a))) throw new UnknownConversation(key);
+  if (![...s.participants.keys()].some((a) => isLocalAddress(deps, a)))
+    throw forbidden('no_local_participant', `no address of this platform takes part in conversation ${key}`);
   const id = await insertConversation(tx, h, signer, null);
   const row = (await lockConversation(tx, key))!;
   const newUserIds = await localUserIds(tx, deps, [...s.participants.keys()]);
@@ -187,6 +187,7 @@ export async function backfillFrom(deps: Deps, leader: string, key: string, sinc
     const body = JSON.parse(text) as { actions: Action[]; last_id: number };
     if (!Array.isArray(body.actions) || body.actions.length === 0) break;
     const actions = batchOf(body);
+    await checkPeerBatch(deps, { platform: leader }, { kind: 'log', key, actions, bytes: 0 });
     await fetchMissingBlobs(deps, { platform: leader }, actions);
     const got = await receiveActions(deps, leader, key, actions);
     if (got.last_id <= last) break;
@@ -230,6 +231,7 @@ export async function joinFromLeader(deps: Deps, leader: string, key: string): P
     const body = JSON.parse(text) as { actions: unknown; last_id: number };
     if (!Array.isArray(body.actions) || body.actions.length === 0) break;
     const page = batchOf(body);
+    await checkPeerBatch(deps, { platform: leader }, { kind: 'log', key, actions: page, bytes: 0 });
     if (page[0].id !== log.length + 1) throw invalidLog(page[0].id, 'sequence_mismatch', `the log page starts at ${page[0].id}, not ${log.length + 1}`);
     log.push(...page);
     if (log.length >= body.last_id) break;

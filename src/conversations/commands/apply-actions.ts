@@ -100,7 +100,7 @@ export async function applyActions(deps: Deps, user: Actor, key: string, inputs:
   }
   const r = await groupTransactionWith(deps.db, key, lockRead, { key, user }, async (tx, locked) => {
     if ('error' in locked) throw locked.error;
-    return appendActions(tx, deps, locked.row, user.address, inputs);
+    return appendActions(tx, deps, locked.row, user.address, inputs, { inline: true });
   });
   if (r.proposal === undefined) return { actions: r.actions };
   const outcome = await settleProposal(deps, r.proposal);
