@@ -142,6 +142,8 @@ describe('a misbehaving peer against a real platform', () => {
   const subject = 'From the peer';
   const conv = convKey(creator, ts, subject);
   let log: WireAction[] = [];
+  /** The logs this peer serves (its conversations as it sent them), by key. */
+  const logs = new Map<string, WireAction[]>();
   const head = () => ({ id: log.at(-1)!.id, hash: log.at(-1)!.hash });
 
   before(async () => {
@@ -154,6 +156,18 @@ describe('a misbehaving peer against a real platform', () => {
             keys: [{ key_id: me.keyId, alg: 'ed25519', public_key: me.publicKey, created_at: new Date(Date.now() - 86400_000).toISOString(), not_after: new Date(Date.now() + 86400_000).toISOString(), active: true }],
           }),
         );
+        return;
+      }
+      // "Backfill" and the whole log (docs/federation.md): GET …/conversations/{key}/(actions|log)?since=N&limit=M.
+      // This peer answers from its logs without checking the caller's signature.
+      const url = new URL(req.url ?? '/', 'http://peer');
+      const m = /^\/federation\/v1\/conversations\/([0-9a-f]{32})\/(actions|log)$/.exec(url.pathname);
+      const own = m ? logs.get(m[1]) : undefined;
+      if (req.method === 'GET' && own) {
+        const since = Number(url.searchParams.get('since') ?? 0);
+        const limit = Number(url.searchParams.get('limit') ?? 500);
+        res.setHeader('content-type', 'application/json');
+        res.end(JSON.stringify({ actions: own.filter((a) => a.id > since).slice(0, limit), last_id: own.at(-1)!.id }));
         return;
       }
       res.statusCode = 404;
@@ -216,6 +230,7 @@ describe('a misbehaving peer against a real platform', () => {
       { act: 'message:add', actor: creator, body: 'Hello from a platform written from the docs' },
       { act: 'conv:publish', actor: creator },
     ]);
+    logs.set(conv, log);
     const r = await push(log);
     assert.equal(r.status, 200, r.text);
     assert.equal(r.body.last_id, 4);
@@ -284,6 +299,7 @@ describe('a misbehaving peer against a real platform', () => {
       { act: 'participant:add', actor: creator, participant: `trent@${PEER}`, perms: 'write' },
       { act: 'conv:publish', actor: creator },
     ]);
+    logs.set(lonelyKey, lonely); // asked for its whole log, the peer gives it: still nobody of the receiver's
     const r1 = await send('POST', `/federation/v1/conversations/${lonelyKey}/actions`, { actions: lonely });
     expectRefused(r1, 403, 'no_local_participant');
     assert.equal(await stored(lonelyKey), null);
