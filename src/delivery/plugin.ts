@@ -107,6 +107,12 @@ export interface DeliveryPlugin {
   readonly needsConfig: boolean;
   readonly capabilities: PluginCapabilities;
   /**
+   * Most attempts one worker may have in flight through this plugin (its counterpart, or its
+   * connection pool, takes no more at once); default: IN_FLIGHT_LIMITS, else the worker's
+   * concurrency. Attempts beyond it would queue inside the plugin while their time runs out.
+   */
+  readonly maxInFlight?: number;
+  /**
    * Without `config`: checks the plugin's own prerequisites at start-up (a broken plugin is
    * disabled and reported; rows for it fail over to the next chain step). With `config`:
    * checks one organisation's config (schema and semantics).
@@ -148,6 +154,20 @@ export const RETRY_POLICIES: Readonly<Record<string, RetryPolicy>> = {
   parley: { maxAttempts: 10, maxAgeS: 86_400, baseMs: 1_000, capMs: 60_000, attemptTimeoutMs: 10_000 },
   default: { maxAttempts: 5, maxAgeS: 3_600, baseMs: 1_000, capMs: 300_000, attemptTimeoutMs: 30_000 },
 };
+
+/**
+ * Most attempts one worker has in flight per plugin, for plugins that do not declare
+ * `maxInFlight` (docs/delivery.md, "Workers"). `smtp`: the relay connection pool of
+ * src/mail/outbound/smtp-plugin.ts has 4 connections; more attempts at once would wait in its
+ * queue, time out there, and be attempted again (an email that the relay did take, twice).
+ */
+export const IN_FLIGHT_LIMITS: Readonly<Record<string, number>> = { smtp: 4 };
+
+/** The most attempts of `plugin` one worker keeps in flight, or null when only the worker's concurrency bounds it. */
+export function inFlightLimit(plugin: Pick<DeliveryPlugin, 'name' | 'maxInFlight'>): number | null {
+  const n = plugin.maxInFlight ?? IN_FLIGHT_LIMITS[plugin.name];
+  return n !== undefined && n > 0 ? Math.floor(n) : null;
+}
 
 /** The retry policy of `plugin`, with `overrides` (worker options, tests) applied. */
 export function retryPolicyFor(plugin: string, overrides?: Readonly<Record<string, Partial<RetryPolicy>>>): RetryPolicy {

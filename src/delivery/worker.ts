@@ -6,7 +6,7 @@ import { DELIVERIES_CHANNEL } from '../mail/outbound/enqueue.ts';
 import type { DeliveriesTable } from '../store/schema.ts';
 import { applyEarlyReceipts } from './inbound.ts';
 import { orgConfigCache } from './org-config.ts';
-import { type Delivery, type DeliveryPlugin, type RetryPolicy, type SendResult, retryDelayMs, retryPolicyFor } from './plugin.ts';
+import { type Delivery, type DeliveryPlugin, type RetryPolicy, type SendResult, inFlightLimit, retryDelayMs, retryPolicyFor } from './plugin.ts';
 import { knownPlugins } from './registry.ts';
 import { type ChainStep, type FallbackPolicy, fallbackDeadline, fallbackDetail, moveOnChange, recordFallback, wakeWorkers } from './state.ts';
 
@@ -15,7 +15,7 @@ export { builtinPlugins } from './registry.ts';
 /** Rows claimed by one statement at most, and outcomes recorded by one statement at most. */
 const DEFAULT_BATCH = 200;
 /** Attempts in flight at once (lanes mostly wait on the counterpart's answer). */
-const DEFAULT_CONCURRENCY = 32;
+const DEFAULT_CONCURRENCY = 64;
 
 /** Options of a delivery worker. Defaults suit production; tests shorten the timings. */
 export interface WorkerOptions {
@@ -23,7 +23,7 @@ export interface WorkerOptions {
   plugins?: Map<string, DeliveryPlugin>;
   /** Most rows claimed by one statement, and most outcomes recorded by one (default PARLEY_DELIVERY_BATCH, 200). */
   batch?: number;
-  /** Attempts in flight at once (default PARLEY_DELIVERY_CONCURRENCY, 32). */
+  /** Attempts in flight at once (default PARLEY_DELIVERY_CONCURRENCY, 64). */
   concurrency?: number;
   /** Safety-net poll for scheduled retries and fallback windows, in ms (default 1000). */
   pollMs?: number;
@@ -77,23 +77,39 @@ export async function claimDue(deps: Deps, worker: string, limit: number, leaseM
 
 /**
  * The claim (see claimDue): the due rows' ids are picked by an InitPlan over the `deliveries_due`
- * index, then updated by primary key — a plan that stays right however the table grows.
+ * index, then updated by primary key. `filter` narrows the rows picked to some plugins
+ * (`$4`): `only` one, or all `except` some.
  */
-const CLAIM_DUE = `
+const claimSql = (filter: string) => `
 update deliveries d
    set state = 'sending', locked_by = $1, locked_until = now() + $2::interval,
        attempts = d.attempts + 1, updated_at = now()
  where d.id = any (array(
          select id from deliveries
           where state in ('pending', 'sending') and next_attempt_at <= now()
-            and (locked_until is null or locked_until < now())
+            and (locked_until is null or locked_until < now())${filter}
           order by next_attempt_at
           limit $3
           for update skip locked))
 returning d.*`;
+const CLAIM = {
+  all: { name: 'parley_delivery_claim', text: claimSql('') },
+  only: { name: 'parley_delivery_claim_only', text: claimSql('\n            and plugin = $4') },
+  except: { name: 'parley_delivery_claim_except', text: claimSql('\n            and plugin <> all ($4::text[])') },
+};
 
-async function claimWith(exec: Exec, worker: string, limit: number, leaseMs: number): Promise<Delivery[]> {
-  const r = await exec({ name: 'parley_delivery_claim', text: CLAIM_DUE, values: [worker, `${leaseMs} milliseconds`, limit] });
+/** Claims up to `limit` due rows (of plugin `filter.only`, or of any plugin but `filter.except`). */
+async function claimWith(exec: Exec, worker: string, limit: number, leaseMs: number, filter: { only?: string; except?: string[] } = {}): Promise<Delivery[]> {
+  const values: unknown[] = [worker, `${leaseMs} milliseconds`, limit];
+  let q = CLAIM.all;
+  if (filter.only !== undefined) {
+    q = CLAIM.only;
+    values.push(filter.only);
+  } else if (filter.except?.length) {
+    q = CLAIM.except;
+    values.push(filter.except);
+  }
+  const r = await exec({ ...q, values });
   return r.rows as Delivery[];
 }
 
@@ -421,24 +437,31 @@ export async function sweepFallbacks(deps: Deps, limit = 100): Promise<number> {
   });
 }
 
-async function attempt(deps: Deps, plugin: DeliveryPlugin, d: Delivery, config: Record<string, unknown>, timeoutMs: number): Promise<SendResult> {
+/** One attempt through its plugin, bounded by `timeoutMs`: a throw or the deadline is a `retry` outcome. */
+function attempt(deps: Deps, plugin: DeliveryPlugin, d: Delivery, config: Record<string, unknown>, timeoutMs: number): Promise<SendResult> {
   const ac = new AbortController();
-  let timer: NodeJS.Timeout | undefined;
-  try {
-    return await Promise.race([
-      plugin.send(d, deps, { config, signal: ac.signal, timeoutMs, orgId: d.org_id }),
-      new Promise<SendResult>((resolve) => {
-        timer = setTimeout(() => {
-          ac.abort();
-          resolve({ outcome: 'retry', error: `attempt timed out after ${timeoutMs} ms` });
-        }, timeoutMs);
-      }),
-    ]);
-  } catch (e) {
-    return { outcome: 'retry', error: `${d.plugin} plugin threw: ${(e as Error).message ?? String(e)}` };
-  } finally {
-    clearTimeout(timer);
-  }
+  return new Promise<SendResult>((resolve) => {
+    const timer = setTimeout(() => {
+      ac.abort();
+      resolve({ outcome: 'retry', error: `attempt timed out after ${timeoutMs} ms` });
+    }, timeoutMs);
+    let sending: Promise<SendResult>;
+    try {
+      sending = plugin.send(d, deps, { config, signal: ac.signal, timeoutMs, orgId: d.org_id });
+    } catch (e) {
+      sending = Promise.reject(e);
+    }
+    sending.then(
+      (r) => {
+        clearTimeout(timer);
+        resolve(r);
+      },
+      (e) => {
+        clearTimeout(timer);
+        resolve({ outcome: 'retry', error: `${d.plugin} plugin threw: ${(e as Error)?.message ?? String(e)}` });
+      },
+    );
+  });
 }
 
 /**
@@ -530,8 +553,17 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
     return { d, result, durationMs: performance.now() - t0, at: new Date(deps.clock.now()), plugin, policy };
   };
   let inflight = 0;
+  /** Plugins whose attempts one worker keeps below the worker's concurrency (inFlightLimit), and how many are in flight. */
+  const limits = new Map<string, { max: number; inflight: number }>();
+  for (const p of plugins.values()) {
+    const max = inFlightLimit(p);
+    if (max !== null && max < concurrency) limits.set(p.name, { max, inflight: 0 });
+  }
+  const limitedNames = [...limits.keys()];
   const start = (d: Delivery) => {
     inflight++;
+    const limit = limits.get(d.plugin);
+    if (limit) limit.inflight++;
     handle(d)
       .then(
         (o) => void waiting.push(o),
@@ -540,15 +572,38 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
       )
       .finally(() => {
         inflight--;
+        if (limit) {
+          limit.inflight--;
+          mayBeDue = true; // its rows were not claimed while it was full
+        }
         void flush();
         pump();
       });
   };
 
   // ---- Claims: as lanes free up, while rows may be due. ----
-  /** Rows may be due: set by notifications, the poll and full claims; cleared by a claim that found fewer than it asked for. */
+  /** Rows may be due: set by notifications, the poll, full claims and a limited plugin's free lane; cleared by a claim that found fewer rows than it asked for. */
   let mayBeDue = true;
   let claiming = false;
+  /** One claim round: each limited plugin up to its free lanes, then the other plugins up to the worker's free lanes. */
+  const claimRound = async (free: number): Promise<boolean> => {
+    let full = false;
+    for (const [name, l] of limits) {
+      const want = Math.min(l.max - l.inflight, free);
+      if (want <= 0) continue;
+      const rows = await claimWith(claimer.exec, worker, want, leaseMs, { only: name });
+      if (rows.length === want) full = true;
+      free -= rows.length;
+      for (const d of rows) start(d);
+    }
+    const want = Math.min(free, batch);
+    if (want > 0) {
+      const rows = await claimWith(claimer.exec, worker, want, leaseMs, { except: limitedNames });
+      if (rows.length === want) full = true;
+      for (const d of rows) start(d);
+    }
+    return full;
+  };
   const pump = () => {
     if (claiming || stopped || !mayBeDue) return;
     const free = concurrency - inflight;
@@ -556,12 +611,10 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
     if (free <= 0 || (inflight > 0 && free < refillAt) || waiting.length >= 2 * batch) return;
     claiming = true;
     mayBeDue = false; // a kick during the claim sets it again
-    const want = Math.min(free, batch);
-    claimWith(claimer.exec, worker, want, leaseMs)
+    claimRound(free)
       .then(
-        (rows) => {
-          if (rows.length === want) mayBeDue = true;
-          for (const d of rows) start(d);
+        (full) => {
+          if (full) mayBeDue = true;
         },
         (e) => deps.log.error({ err: e }, 'delivery claim failed; the poll tries again'),
       )

@@ -41,7 +41,7 @@ export const ConfigSchema = Type.Object(
     deliveryLeaseMs: Type.Integer({ minimum: 100 }),
     /** Most deliveries a worker claims, and records, in one statement (PARLEY_DELIVERY_BATCH; default 200, docs/delivery.md "Workers"). */
     deliveryBatch: Type.Optional(Type.Integer({ minimum: 1, maximum: 5000 })),
-    /** Delivery attempts a worker keeps in flight (PARLEY_DELIVERY_CONCURRENCY; default 32). */
+    /** Delivery attempts a worker keeps in flight (PARLEY_DELIVERY_CONCURRENCY; default 64). */
     deliveryConcurrency: Type.Optional(Type.Integer({ minimum: 1, maximum: 5000 })),
     /** DNS timeout for SPF/DKIM/DMARC lookups in ms (PARLEY_DNS_TIMEOUT_MS). */
     dnsTimeoutMs: Type.Integer({ minimum: 50 }),
@@ -96,7 +96,7 @@ export const DEFAULT_CONFIG: Config = {
   deliveryMaxAgeHours: 120,
   deliveryLeaseMs: 120_000,
   deliveryBatch: 200,
-  deliveryConcurrency: 32,
+  deliveryConcurrency: 64,
   dnsTimeoutMs: 1500,
   dnsOffline: false,
   sessionDays: 30,
