@@ -171,3 +171,66 @@ describe('federation blobs: GET /federation/v1/blobs/{sha256} and fetchMissingBl
     assert.equal(bad.code, 'invalid_file');
   });
 });
+
+describe('files cross platforms with replication (issue 3 §7, through the replication hooks)', () => {
+  let A: TestPlatform;
+  let B: TestPlatform;
+  let alice: ApiClient;
+  let bob: ApiClient;
+
+  before(async () => {
+    [A, B] = await Promise.all([startTestPlatform({}, ['web', 'worker']), startTestPlatform({ domains: ['beta.test'] }, ['web', 'worker'])]);
+    const routes = { 'alpha.test': A.base, 'beta.test': B.base };
+    A.config.federationRoutes = routes;
+    B.config.federationRoutes = routes;
+    alice = await A.user('alice@alpha.test');
+    bob = await B.user('bob@beta.test');
+  });
+  after(async () => {
+    await Promise.all([A?.stop(), B?.stop()]);
+  });
+
+  /** Polls `fn` until it returns a value other than undefined (deadline 20 s). */
+  const eventually = async <T>(fn: () => Promise<T | undefined>, what: string): Promise<T> => {
+    const deadline = Date.now() + 20_000;
+    for (;;) {
+      const v = await fn();
+      if (v !== undefined) return v;
+      if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  };
+  const download = async (who: ApiClient, sha256: string) => {
+    const r = await fetch(`${who.base}/api/attachments/${sha256}`, { headers: { authorization: `Bearer ${who.token}` } });
+    return { status: r.status, bytes: Buffer.from(await r.arrayBuffer()) };
+  };
+
+  it('a file attached on the leader reaches the replica with the message; one attached on the follower reaches the leader with the proposal', async () => {
+    const first = randomBytes(50_000);
+    const up = await alice.call('POST', '/api/attachments', first, { 'content-type': 'image/png' });
+    assert.equal(up.status, 201);
+    const file = { sha256: up.body.sha256, name: 'photo.png', content_type: 'image/png', size: first.length };
+    const c = await alice.post('/api/conversations', { subject: 'Photos', participants: ['bob@beta.test'], messages: [{ body: 'look', files: [file] }] });
+    assert.equal(c.status, 201, JSON.stringify(c.body));
+    const key = c.body.key as string;
+
+    // Replicated to B with its file: bob downloads it from his own platform.
+    await eventually(async () => ((await bob.get(`/api/conversations/${key}`)).status === 200 ? true : undefined), 'the conversation on B');
+    const onB = await download(bob, file.sha256);
+    assert.equal(onB.status, 200);
+    assert.ok(onB.bytes.equals(first));
+
+    // bob answers from B with a file of his: proposed to A, which fetches it from B.
+    const second = randomBytes(30_000);
+    const up2 = await bob.call('POST', '/api/attachments', second, { 'content-type': 'application/pdf' });
+    assert.equal(up2.status, 201);
+    const file2 = { sha256: up2.body.sha256, name: 'answer.pdf', content_type: 'application/pdf', size: second.length };
+    const reply = await bob.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:add', body: 'here is mine', files: [file2] }] });
+    assert.equal(reply.status, 200, JSON.stringify(reply.body));
+    const onA = await eventually(async () => {
+      const d = await download(alice, file2.sha256);
+      return d.status === 200 ? d : undefined;
+    }, 'bob’s file on A');
+    assert.ok(onA.bytes.equals(second));
+  });
+});
