@@ -152,7 +152,6 @@ describe('replication between platforms (real processes)', () => {
     await converged(C, key, full.slice(0, leave.id));
     const stop = await A.pool.query(`select l.stop_id, l.acked_id from federation_links l join conversations c on c.id = l.conv_id where c.key = $1 and l.platform = 'gamma.test'`, [key]);
     assert.deepEqual(stop.rows[0], { stop_id: leave.id, acked_id: leave.id });
-    // And C may not backfill past it either (checked by the leader's answer to C's signed request): see the backfill test below.
   });
 
   it('Done means 4: a participant on a fourth platform added after 500 actions receives the whole conversation', async () => {
