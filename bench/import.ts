@@ -2,9 +2,13 @@
  * Benchmark: `parley import` of the SpamAssassin easy_ham corpus (2,403 messages) into a
  * fresh database, run as the real CLI in a child process (docs/benchmarks.md).
  */
+import { execFileSync } from 'node:child_process';
 import { readdirSync } from 'node:fs';
 import pg from 'pg';
-import { BENCH_DOMAIN, EASY_HAM, createUsers, openSetupDeps, parleyEnv, progress, round, runParley, tempDataDir, type BenchDatabase } from './support.ts';
+// @ts-expect-error — a plain ES module without types (scripts/cli-bundle.mjs)
+import { bundleIsCurrent } from '../scripts/cli-bundle.mjs';
+import { join } from 'node:path';
+import { BENCH_DOMAIN, EASY_HAM, ROOT, createUsers, openSetupDeps, parleyEnv, progress, round, runParley, tempDataDir, type BenchDatabase } from './support.ts';
 
 /** Figures of the import benchmark (keys of bench/results/latest.json). */
 export interface ImportFigures {
@@ -31,6 +35,8 @@ export interface ImportFigures {
   import_failed: number;
   /** The CLI's own measure of the import (archive opened → last message), seconds. */
   import_cli_seconds: number;
+  /** 1 when `parley` ran its bundle (dist/parley.mjs, built as `npm install` does), 0 when the sources through tsx (the bundle was stale: sources changed during the run). */
+  import_cli_bundled: number;
   /** Messages added by importing the same corpus a second time (must be 0), and its wall time. */
   import_again_added: number;
   import_again_wall_s: number;
@@ -74,10 +80,14 @@ export async function benchImport(database: BenchDatabase, corpus = EASY_HAM): P
     await createUsers(url, data.dir, [owner]);
     const env = parleyEnv(url, data.dir);
 
-    progress(`import: parley import of ${messagesInCorpus} messages from ${corpus}`);
+    // The CLI as installed: `npm install` builds its bundle (the `prepare` script).
+    execFileSync(process.execPath, [join(ROOT, 'scripts', 'build-cli.mjs')], { stdio: ['ignore', 'ignore', 'inherit'] });
+    const bundledBefore: boolean = bundleIsCurrent();
+    progress(`import: parley import of ${messagesInCorpus} messages from ${corpus} (${bundledBefore ? 'bundle' : 'sources through tsx'})`);
     const pg0 = database.cpuMs();
     const run = await runParley(['import', corpus, '--owner', owner, '--json'], env, 'import', 240_000);
     const pg1 = database.cpuMs();
+    const bundled = bundledBefore && (bundleIsCurrent() as boolean);
     if (run.code !== 0) throw new Error(`parley import exited with ${run.code}:\n${run.output}`);
     const summary = parseSummary(run.stdout);
     const after = await counts(url);
@@ -108,6 +118,7 @@ export async function benchImport(database: BenchDatabase, corpus = EASY_HAM): P
       import_duplicates: summary.duplicates,
       import_failed: summary.failed,
       import_cli_seconds: round(summary.seconds, 2),
+      import_cli_bundled: bundled ? 1 : 0,
       import_again_added: after2.messages - after.messages,
       import_again_wall_s: round(again.ms / 1000, 2),
     };

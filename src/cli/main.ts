@@ -1,5 +1,4 @@
 import { Command } from 'commander';
-import { ConfigError } from '../platform/config.ts';
 import { AppError } from '../platform/errors.ts';
 import { registerStart } from './commands/start.ts';
 import { registerUser } from './commands/user.ts';
@@ -25,6 +24,8 @@ registerFederation(program);
 try {
   await program.parseAsync(process.argv);
 } catch (e) {
+  // config.ts is loaded only by commands that read the configuration.
+  const { ConfigError } = await import('../platform/config.ts');
   if (e instanceof ConfigError || e instanceof AppError) {
     console.error(`parley: ${e.message}`);
     process.exit(2);

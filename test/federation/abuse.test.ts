@@ -169,6 +169,19 @@ describe('abuse controls on a running platform', () => {
     assert.equal(r.status, 403);
     assert.equal(r.code, 'platform_denied');
     assert.equal(r.body.error.details.platform, 'evil.test');
+    // Every /federation/v1 route, the replication and blob endpoints included.
+    for (const [method, path, body] of [
+      ['POST', `/federation/v1/conversations/${'a'.repeat(32)}/actions`, JSON.stringify({ actions: [] })],
+      ['POST', `/federation/v1/conversations/${'a'.repeat(32)}/proposals`, JSON.stringify({ actions: [] })],
+      ['GET', `/federation/v1/conversations/${'a'.repeat(32)}/log?since=0`, undefined],
+      ['GET', `/federation/v1/blobs/${'b'.repeat(64)}`, undefined],
+    ] as const) {
+      const url = tp.base + path;
+      const headers: Record<string, string> = signRequest({ method, url, body: body ?? '', keyId: evil.keyId, privateKey: evil.privateKey, now: Date.now() });
+      if (body) headers['content-type'] = 'application/json';
+      const r = await refusal(await fetch(url, { method, headers, body }));
+      assert.deepEqual([r.status, r.code], [403, 'platform_denied'], `${method} ${path}`);
+    }
     assert.equal(evil.keyFetches, 0, 'the denied platform was never contacted');
   });
 

@@ -1,8 +1,11 @@
 import type { Command } from 'commander';
-import { type DeliveryInfo, type RetryFrom, cancelDelivery, listFailed, retryDelivery } from '../../delivery/dead-letters.ts';
+import type { DeliveryInfo, RetryFrom } from '../../delivery/dead-letters.ts';
 import { badRequest, notFound } from '../../platform/errors.ts';
 import type { Deps } from '../../context.ts';
 import { withDeps } from '../context.ts';
+
+/** The implementation, loaded when a command runs (src/cli/context.ts). */
+const deadLetters = () => import('../../delivery/dead-letters.ts');
 
 async function orgIdOf(deps: Deps, slug: string | undefined): Promise<number | null> {
   if (!slug) return null;
@@ -39,7 +42,7 @@ export function registerDeliveries(program: Command): void {
         const all: DeliveryInfo[] = [];
         let cursor: string | undefined;
         while (all.length < limit) {
-          const page = await listFailed(deps, { orgId, cursor, limit: Math.min(500, limit - all.length) });
+          const page = await (await deadLetters()).listFailed(deps, { orgId, cursor, limit: Math.min(500, limit - all.length) });
           all.push(...page.items);
           if (!page.next_cursor) break;
           cursor = page.next_cursor;
@@ -61,7 +64,7 @@ export function registerDeliveries(program: Command): void {
     .option('--org <slug>', 'the delivery must belong to this organisation')
     .action(async (id: string, opts: { firstStep: boolean; org?: string }, c: Command) => {
       const from: RetryFrom = opts.firstStep ? 'first_step' : 'failed_step';
-      const d = await withDeps(c, async (deps) => retryDelivery(deps, id, { orgId: await orgIdOf(deps, opts.org), from, by: 'cli' }));
+      const d = await withDeps(c, async (deps) => (await deadLetters()).retryDelivery(deps, id, { orgId: await orgIdOf(deps, opts.org), from, by: 'cli' }));
       console.log(`delivery ${d.id} is pending again at ${d.plugin} (step ${d.chain_index + 1}${d.chain ? ` of ${d.chain.length}` : ''})`);
     });
 
@@ -70,7 +73,7 @@ export function registerDeliveries(program: Command): void {
     .description('cancel a pending, in-flight or failed delivery')
     .option('--org <slug>', 'the delivery must belong to this organisation')
     .action(async (id: string, opts: { org?: string }, c: Command) => {
-      const d = await withDeps(c, async (deps) => cancelDelivery(deps, id, { orgId: await orgIdOf(deps, opts.org), by: 'cli' }));
+      const d = await withDeps(c, async (deps) => (await deadLetters()).cancelDelivery(deps, id, { orgId: await orgIdOf(deps, opts.org), by: 'cli' }));
       console.log(`delivery ${d.id} cancelled`);
     });
 }

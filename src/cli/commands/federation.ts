@@ -1,7 +1,10 @@
 import type { Command } from 'commander';
 import { badRequest } from '../../platform/errors.ts';
-import { listKeys, rotateKey, type PlatformKey } from '../../federation/keys.ts';
+import type { PlatformKey } from '../../federation/keys.ts';
 import { withDeps } from '../context.ts';
+
+/** The implementation, loaded when a command runs (src/cli/context.ts). */
+const keyStore = () => import('../../federation/keys.ts');
 
 const DAY_MS = 24 * 3600 * 1000;
 
@@ -31,7 +34,7 @@ export function registerFederation(program: Command): void {
         if (opts.oldValidFor.trim() === '' || !Number.isFinite(days) || days < 0) throw badRequest('invalid_days', '--old-valid-for is a number of days ≥ 0');
         oldValidForMs = days * DAY_MS;
       }
-      const r = await withDeps(c, (deps) => rotateKey(deps, { oldValidForMs }));
+      const r = await withDeps(c, async (deps) => (await keyStore()).rotateKey(deps, { oldValidForMs }));
       console.log(`active key ${r.active.keyId} (valid until ${r.active.notAfter.toISOString()})`);
       if (r.retired) console.log(`retired key ${r.retired.keyId} verifies until ${r.retired.notAfter.toISOString()}`);
     });
@@ -40,7 +43,7 @@ export function registerFederation(program: Command): void {
     .command('keys')
     .description("list the platform's signing keys, newest first")
     .action(async (_opts: unknown, c: Command) => {
-      const keys = await withDeps(c, (deps) => listKeys(deps));
+      const keys = await withDeps(c, async (deps) => (await keyStore()).listKeys(deps));
       if (keys.length === 0) console.log('no keys yet: one is created at first start');
       for (const k of keys) console.log(line(k));
     });

@@ -1,8 +1,7 @@
 import { writeFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import type { Command } from 'commander';
-import cliProgress from 'cli-progress';
-import { BATCH_SIZE, importArchive, type ImportProgress, type ImportSummary } from '../../mail/inbound/import-archive.ts';
+import type { ImportProgress, ImportSummary } from '../../mail/inbound/import-archive.ts';
 import { badRequest } from '../../platform/errors.ts';
 import { withDeps } from '../context.ts';
 
@@ -50,13 +49,15 @@ export function registerImport(program: Command): void {
     .requiredOption('--owner <address>', 'the local user the mail is imported for (must exist)')
     .option('--report <file>', 'write the summary and every failure as JSON to this file')
     .option('--json', 'print the summary as JSON instead of text', false)
-    .option('--concurrency <n>', 'messages parsed (and their files stored) at once', '8')
-    .option('--batch <n>', 'most messages committed per transaction (1: one transaction per message)', String(BATCH_SIZE))
-    .action(async (path: string, opts: { owner: string; report?: string; json: boolean; concurrency: string; batch: string }, cmd: Command) => {
-      const concurrency = Number(opts.concurrency);
-      if (!Number.isInteger(concurrency) || concurrency < 1 || concurrency > 64) throw badRequest('invalid_option', '--concurrency must be an integer from 1 to 64');
-      const batchSize = Number(opts.batch);
-      if (!Number.isInteger(batchSize) || batchSize < 1 || batchSize > 1000) throw badRequest('invalid_option', '--batch must be an integer from 1 to 1000');
+    .option('--concurrency <n>', 'batches of messages committed at once (default 4)')
+    .option('--batch <n>', 'most messages committed per transaction (default 25; 1: one transaction per message)')
+    .action(async (path: string, opts: { owner: string; report?: string; json: boolean; concurrency?: string; batch?: string }, cmd: Command) => {
+      const concurrency = opts.concurrency === undefined ? undefined : Number(opts.concurrency);
+      if (concurrency !== undefined && (!Number.isInteger(concurrency) || concurrency < 1 || concurrency > 64)) throw badRequest('invalid_option', '--concurrency must be an integer from 1 to 64');
+      const batchSize = opts.batch === undefined ? undefined : Number(opts.batch);
+      if (batchSize !== undefined && (!Number.isInteger(batchSize) || batchSize < 1 || batchSize > 1000)) throw badRequest('invalid_option', '--batch must be an integer from 1 to 1000');
+      // Loaded here: other commands need not load the mail parser and the write path.
+      const [{ importArchive }, { default: cliProgress }] = await Promise.all([import('../../mail/inbound/import-archive.ts'), import('cli-progress')]);
       await withDeps(cmd, async (deps) => {
         const tty = process.stderr.isTTY === true;
         const bar = tty

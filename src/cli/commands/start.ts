@@ -1,6 +1,5 @@
 import type { Command } from 'commander';
 import type { Role } from '../../app.ts';
-import { createLogger } from '../../platform/logger.ts';
 import { cliConfig, withDeps } from '../context.ts';
 
 /** The roles (kept in step with src/app.ts ROLES). */
@@ -16,10 +15,10 @@ export function registerStart(program: Command): void {
       const roles = opts.roles.split(',').map((r) => r.trim()).filter(Boolean);
       const bad = roles.filter((r) => !(ROLES as readonly string[]).includes(r));
       if (bad.length) throw new Error(`unknown role(s) ${bad.join(', ')}; roles are ${ROLES.join(', ')}`);
-      const config = cliConfig(cmd);
-      const log = createLogger('parley', config.logLevel);
+      const config = await cliConfig(cmd);
       // Loaded here, not at the top: other commands need not load the whole server.
-      const { startPlatform } = await import('../../app.ts');
+      const [{ createLogger }, { startPlatform }] = await Promise.all([import('../../platform/logger.ts'), import('../../app.ts')]);
+      const log = createLogger('parley', config.logLevel);
       const platform = await startPlatform(config, roles as Role[], { log });
       log.info({ roles, domains: config.domains, http: platform.httpPort, smtp: platform.smtpPort }, 'parley started');
       let stopping = false;

@@ -1,5 +1,5 @@
 import type { Command } from 'commander';
-import { createUser, listUsers, type UserInfo } from '../../accounts/users.ts';
+import type { UserInfo } from '../../accounts/users.ts';
 import { badRequest } from '../../platform/errors.ts';
 import { withDeps } from '../context.ts';
 
@@ -60,6 +60,7 @@ export function registerUser(program: Command): void {
     .option('--password-stdin', 'read the password from standard input', false)
     .action(async (address: string, opts: { name?: string; admin: boolean; passwordStdin: boolean }, cmd: Command) => {
       const password = opts.passwordStdin ? await readLineFromStdin() : null;
+      const { createUser } = await import('../../accounts/users.ts');
       const u = await withDeps(cmd, (deps) => createUser(deps, { address, name: opts.name, password, isAdmin: opts.admin }));
       console.log(`added ${u.address}${u.is_admin ? ' (admin)' : ''}`);
       if (!u.has_password)
@@ -74,6 +75,7 @@ export function registerUser(program: Command): void {
     .description('list the users in address order')
     .option('--json', 'print a JSON array instead of a table', false)
     .action(async (opts: { json: boolean }, cmd: Command) => {
+      const { listUsers } = await import('../../accounts/users.ts');
       const users = await withDeps(cmd, async (deps) => {
         const all: UserInfo[] = [];
         for (let after: string | undefined; ; ) {

@@ -17,12 +17,11 @@
  *
  * **Batches.** Messages whose parents are done are committed up to `batchSize` per
  * transaction (ingest-email.ts `commitEmails`: one statement for their raw rows, one for
- * the owner's stream events, one COMMIT; a batch that fails is redone one message at a
- * time, so one bad message never fails the others). One batch is committed at a time
- * while the next is parsed and its files stored (up to `concurrency` messages at once),
- * so the import's transactions never wait on each other's locks. A batch's messages are
- * independent of each other (every parent was committed before), so threading is the
- * same as one message at a time.
+ * the owner's stream events, one COMMIT; a message that fails its batch goes alone and
+ * the others are tried again, so one bad message never fails the others), `concurrency`
+ * batches at once. A batch's messages are independent of each other (every parent was
+ * committed before the batch was formed), so threading is the same as one message at a
+ * time; batches touching the same conversation wait for each other's row lock.
  *
  * Importing twice adds nothing: every message is then a duplicate (same Message-ID in a
  * conversation the owner is in, or the same bytes for a message without Message-ID).
@@ -37,7 +36,9 @@ import { commitEmails, type IngestResult, prepareEmail } from './ingest-email.ts
 export const RETAIN_BYTES = 256 * 1024 * 1024;
 
 /** Default most messages committed in one transaction. */
-export const BATCH_SIZE = 50;
+export const BATCH_SIZE = 25;
+/** Default number of batches committed at once. */
+export const CONCURRENCY = 4;
 
 /** Counts so far, reported after each message. */
 export interface ImportProgress {
@@ -76,7 +77,7 @@ export interface ImportSummary extends ImportProgress {
 
 /** Options of {@link importArchive}. */
 export interface ImportOptions {
-  /** Messages parsed and their files stored at once (default 8). */
+  /** Batches committed at once (default {@link CONCURRENCY}). */
   concurrency?: number;
   /** Most messages committed per transaction (default {@link BATCH_SIZE}; 1: one transaction per message). */
   batchSize?: number;
@@ -128,7 +129,6 @@ export async function importArchive(deps: Deps, path: string, ownerInput: string
   const retained = entries.every((e) => e.raw !== null);
   const rawOf = retained ? null : await rereader(archive, entries.length);
 
-  const concurrency = Math.max(1, opts.concurrency ?? 8);
   const count = (e: Entry, r: IngestResult) => {
     progress.processed++;
     if (r.status === 'failed') {
@@ -141,18 +141,16 @@ export async function importArchive(deps: Deps, path: string, ownerInput: string
     else progress.threaded++;
     opts.onProgress?.({ ...progress });
   };
-  // One batch commits at a time (this chain); the next one is prepared meanwhile.
-  let committing: Promise<unknown> = Promise.resolve();
-  await order.run(Math.max(1, opts.batchSize ?? BATCH_SIZE), 2, async (batch) => {
-    const prepared = await mapLimit(batch, concurrency, async (e) => {
+  await order.run(Math.max(1, opts.batchSize ?? BATCH_SIZE), Math.max(1, opts.concurrency ?? CONCURRENCY), async (batch) => {
+    const prepared = await mapLimit(batch, PREPARE_AT_ONCE, async (e) => {
       const raw = e.raw ?? (await rawOf!(e.index));
       e.raw = null;
       return prepareEmail(deps, raw, { mailFrom: '', rcptTo: [owner], remoteIp: '', helo: '' }, { mode: 'import' });
     });
-    const mine = committing.then(() => commitEmails(deps, prepared));
-    committing = mine.catch(() => {});
-    const results = await mine;
-    batch.forEach((e, k) => count(e, results[k]));
+    const results = await commitEmails(deps, prepared);
+    // A raw message that could not be recorded (disk or database gone) stops the import.
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
+    batch.forEach((e, k) => count(e, (results[k] as PromiseFulfilledResult<IngestResult>).value));
   });
   const inOrder = (list: (ImportFailure & { index: number })[]) => list.sort((a, b) => a.index - b.index).map(({ source, reason }) => ({ source, reason }));
   return {
@@ -317,6 +315,9 @@ function schedule(entries: Entry[]): Schedule {
     },
   };
 }
+
+/** Messages of a batch parsed (and their files written) at once. */
+const PREPARE_AT_ONCE = 8;
 
 /** `fn` over `xs` with at most `limit` calls at once; results in order. */
 async function mapLimit<T, R>(xs: T[], limit: number, fn: (x: T) => Promise<R>): Promise<R[]> {

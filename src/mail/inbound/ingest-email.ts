@@ -3,10 +3,12 @@
  * (issue 2 §6 "Inbound"; used by the SMTP server and by `parley import`, one code path).
  *
  * Steps:
- * 1. **Keep the raw message first.** Its bytes go to the blob store (fsynced) and an
- *    `inbound_emails` row (status `received`) is committed before anything else, so the
- *    SMTP server may answer 250 knowing nothing can be lost; a message that cannot be
- *    parsed or threaded is kept there with status `failed` and the reason.
+ * 1. **Keep the raw message.** Its bytes go to the blob store (fsynced) before anything
+ *    else. Its `inbound_emails` row is committed in the same transaction as its
+ *    conversation (step 4) — or, when that transaction fails or the message cannot be
+ *    parsed, committed alone first (status `received`) and then marked `failed` with the
+ *    reason. Either way the raw message is committed before the SMTP server answers 250,
+ *    and a message that cannot be used is never lost.
  * 2. **Parse** with `parseEmail` (tolerant; only an empty message fails).
  * 3. **Authenticate** SPF/DKIM/DMARC with `authenticateEmail` (SMTP only; the resolver of
  *    src/mail/dns.ts, `offlineResolver` when `config.dnsOffline`). Results other than
@@ -22,9 +24,10 @@
  * earlier one of the batch recorded), the stream events of all of them written by one
  * statement before the single COMMIT. The raw message is then committed together with
  * its conversation, which is still "before 250": nothing is acknowledged before that
- * COMMIT. If anything in the batch fails, the transaction rolls back and every message of
- * the batch goes through the one-message path (raw row committed first, retries, `failed`
- * with the reason), so one bad message never loses or fails the others. `parley import`
+ * COMMIT. If a message fails the batch, the transaction rolls back, that message goes
+ * through the one-message path (raw row committed first, retries, `failed` with the
+ * reason) and the others are tried again as a batch (a few times at most, then one by
+ * one too), so one bad message never loses or fails the others. `parley import`
  * commits its messages in batches; the SMTP server batches messages that arrive together
  * for the same recipients (src/mail/inbound/smtp-server.ts).
  */
@@ -39,7 +42,7 @@ import type { Clock } from '../../platform/clock.ts';
 import { AppError } from '../../platform/errors.ts';
 import type { Tx } from '../../store/db.ts';
 import { isUniqueViolation, transaction } from '../../store/db.ts';
-import { authenticateEmail, type EmailAuthentication } from '../authenticate.ts';
+import type { EmailAuthentication } from '../authenticate.ts';
 import { createResolver, type MailResolver, offlineResolver } from '../dns.ts';
 import { normalizeAddress } from '../address.ts';
 import { suppressEmails } from '../outbound/enqueue.ts';
@@ -96,6 +99,8 @@ export interface IngestResult {
 
 /** Most attempts of the ingest transaction (conversation key collisions, deadlocks, serialization failures). */
 const MAX_ATTEMPTS = 8;
+/** Most times a batch is tried again without the message that failed it (ingest-email `commitEmails`). */
+const MAX_BATCH_FAILURES = 4;
 /** Longest attachment file name kept, in characters (the core limit). */
 const MAX_FILE_NAME = 255;
 
@@ -150,7 +155,9 @@ class Unprocessable extends Error {}
  *   SMTP answers 451)
  */
 export async function ingestEmail(deps: Deps, raw: Buffer, envelope: Envelope, opts: IngestOptions = {}): Promise<IngestResult> {
-  return (await commitEmails(deps, [await prepareEmail(deps, raw, envelope, opts)]))[0];
+  const [r] = await commitEmails(deps, [await prepareEmail(deps, raw, envelope, opts)]);
+  if (r.status === 'rejected') throw r.reason;
+  return r.value;
 }
 
 /**
@@ -190,6 +197,8 @@ export async function prepareEmail(deps: Deps, raw: Buffer, envelope: Envelope, 
     return p;
   }
   if (mode === 'smtp') {
+    // Loaded on first use: `parley import` never authenticates, and mailauth is slow to load.
+    const { authenticateEmail } = await import('../authenticate.ts');
     p.auth = await authenticateEmail(
       raw,
       { ip: envelope.remoteIp, helo: envelope.helo, mailFrom: envelope.mailFrom, mta: deps.config.domains[0] },
@@ -209,26 +218,39 @@ export async function prepareEmail(deps: Deps, raw: Buffer, envelope: Envelope, 
 }
 
 /**
- * Step 4 for prepared messages: commits them, in one transaction when there are several
- * (see the module comment, "Batches"), else — and for every message of a batch that
- * failed — one by one as {@link ingestEmail} describes.
- * @returns one result per message, in the same order
- * @throws Error only when a raw message could not be recorded (nothing was acknowledged)
+ * Step 4 for prepared messages: commits them in one transaction (see the module comment,
+ * "Batches"; a single message too: its raw row then commits with its conversation, one
+ * commit instead of two) — and every message that failed the batch (or could not be
+ * parsed) one by one as {@link ingestEmail} describes: raw row committed first.
+ * @returns one outcome per message, in the same order: its result, or (rejected) the
+ *   error that kept its raw message from being recorded — nothing was acknowledged for it
  */
-export async function commitEmails(deps: Deps, prepared: PreparedEmail[]): Promise<IngestResult[]> {
-  const results: (IngestResult | null)[] = prepared.map(() => null);
-  const batch = prepared.map((p, i) => ({ p, i })).filter(({ p }) => p.problem === null);
-  if (batch.length >= 2) {
+export async function commitEmails(deps: Deps, prepared: PreparedEmail[]): Promise<PromiseSettledResult<IngestResult>[]> {
+  const results: (PromiseSettledResult<IngestResult> | null)[] = prepared.map(() => null);
+  let batch = prepared.map((p, i) => ({ p, i })).filter(({ p }) => p.problem === null);
+  // A message that fails the batch is taken out (it goes alone, below) and the batch is
+  // tried again without it; after MAX_BATCH_FAILURES every message left goes alone.
+  for (let failures = 0; batch.length > 0 && failures < MAX_BATCH_FAILURES; failures++) {
+    const at = { index: -1 };
     try {
-      const done = await transaction(deps.db, (tx) => commitBatch(tx, deps, batch.map(({ p }) => p)));
-      batch.forEach(({ i }, k) => (results[i] = done[k]));
+      const done = await transaction(deps.db, (tx) => commitBatch(tx, deps, batch.map(({ p }) => p), at));
+      batch.forEach(({ i }, k) => (results[i] = { status: 'fulfilled', value: done[k] }));
+      break;
     } catch (e) {
-      // One message (or a conflict with another writer) failed the batch: each goes alone.
-      deps.log.debug({ err: e, messages: batch.length }, 'inbound batch rolled back; ingesting its messages one by one');
+      deps.log.debug({ err: e, messages: batch.length, failedAt: at.index }, 'inbound batch rolled back');
+      if (at.index < 0) break; // not one message's fault (e.g. the commit): each goes alone
+      batch = batch.filter((_, k) => k !== at.index);
     }
   }
-  for (let i = 0; i < prepared.length; i++) results[i] ??= await commitOne(deps, prepared[i]);
-  return results as IngestResult[];
+  for (let i = 0; i < prepared.length; i++) {
+    if (results[i]) continue;
+    try {
+      results[i] = { status: 'fulfilled', value: await commitOne(deps, prepared[i]) };
+    } catch (e) {
+      results[i] = { status: 'rejected', reason: e };
+    }
+  }
+  return results as PromiseSettledResult<IngestResult>[];
 }
 
 /** One prepared message alone: the raw row committed first, then the ingest transaction (retried), else `failed`. */
@@ -260,13 +282,15 @@ async function commitOne(deps: Deps, p: PreparedEmail): Promise<IngestResult> {
   }
 }
 
-/** The batch transaction: every raw row in one statement, then each message in turn. */
-async function commitBatch(tx: Tx, deps: Deps, batch: PreparedEmail[]): Promise<IngestResult[]> {
+/** The batch transaction: every raw row in one statement, then each message in turn; `at.index` tells which message threw. */
+async function commitBatch(tx: Tx, deps: Deps, batch: PreparedEmail[], at: { index: number }): Promise<IngestResult[]> {
   const ids = await storeRawRows(tx, batch);
   const out: IngestResult[] = [];
   for (let k = 0; k < batch.length; k++) {
+    at.index = k;
     out.push(await applyEmail(tx, { ...deps, clock: batch[k].clock }, contextOf(batch[k], ids[k])));
   }
+  at.index = -1;
   return out;
 }
 
@@ -448,7 +472,7 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
       from (select pg_advisory_xact_lock(hashtextextended(${lockKey}, 0))) l`.execute(tx);
   const locals = locked.rows[0].locals;
   const replyConvs = replyKeys.length
-    ? await tx.selectFrom('conversations').select(['id', 'key']).where('key', 'in', replyKeys).where('published', '=', true).execute()
+    ? await tx.selectFrom('conversations').select(['id', 'key']).where(sql<boolean>`key = any(${replyKeys}::text[])`).where('published', '=', true).execute()
     : [];
   if (locals.length === 0 && replyConvs.length === 0) throw new Unprocessable('none of the recipients is a user or conversation of this platform');
 
@@ -463,10 +487,10 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
         .selectFrom('email_messages as em')
         .innerJoin('conversations as cv', 'cv.id', 'em.conv_id')
         .leftJoin('participants as p', (j) =>
-          j.onRef('p.conv_id', '=', 'em.conv_id').on('p.address', 'in', locals.length ? locals : ['']).on('p.removed_id', 'is', null),
+          j.onRef('p.conv_id', '=', 'em.conv_id').on(sql<boolean>`p.address = any(${locals}::text[])`).on('p.removed_id', 'is', null),
         )
         .select(['em.conv_id', 'em.message_id', 'cv.key', 'cv.published', 'p.address'])
-        .where('em.message_id', 'in', lookup)
+        .where(sql<boolean>`em.message_id = any(${lookup}::text[])`)
         .execute()
     : [];
 
@@ -499,8 +523,8 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
     const inReplied = await tx
       .selectFrom('participants')
       .select(['conv_id', 'address'])
-      .where('conv_id', 'in', [...targets.keys()])
-      .where('address', 'in', remaining)
+      .where(sql<boolean>`conv_id = any(${[...targets.keys()]}::bigint[])`)
+      .where(sql<boolean>`address = any(${remaining}::text[])`)
       .where('removed_id', 'is', null)
       .orderBy('conv_id')
       .execute();
@@ -575,6 +599,11 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
         .leftJoin('participants as p', (j) => j.onRef('p.conv_id', '=', 'c.id').on('p.address', '=', sender))
         .selectAll('c')
         .select(['p.address as sender_address', 'p.removed_id as sender_removed_id'])
+        // Who may add the sender (chooseAdder): active participants with write permission, earliest first.
+        .select(
+          sql<string[]>`array(select a.address from participants a
+                               where a.conv_id = c.id and a.removed_id is null and a.perms in ('write', 'full') order by a.added_id)`.as('able'),
+        )
         .where(sql<boolean>`c.id = any(${targetIds}::bigint[])`)
         .orderBy('c.id')
         .forUpdate('c')
@@ -586,13 +615,13 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
       const t = targets.get(convId)!;
       const locked = lockedById.get(convId);
       if (!locked) throw new Error(`conversation ${convId} vanished`);
-      const { sender_address: senderAddress, sender_removed_id: senderRemovedId, ...conv } = locked;
+      const { sender_address: senderAddress, sender_removed_id: senderRemovedId, able, ...conv } = locked;
       let row: ConversationRow = conv;
       if (senderAddress !== null && senderRemovedId !== null) {
         throw new Unprocessable(`the sender ${sender} was removed from conversation ${t.key} and cannot add to it`);
       }
       if (senderAddress === null) {
-        const adder = await chooseAdder(tx, row, t.locals);
+        const adder = chooseAdder(row, able, t.locals);
         // The sender has the email they wrote; the others hear of them through the message:
         // no outbound email (suppressEmails), and withdrawn below should anything slip through.
         suppressEmails(tx, 'all');
@@ -615,7 +644,7 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
       const headerAddresses = uniq([...parsed.to, ...parsed.cc].map((m) => m.address)).filter((a) => replyKeyOf(deps, a) === null);
       const headerLocals = headerAddresses.filter((a) => isLocalAddress(deps, a) && !remaining.includes(a));
       const existing = headerLocals.length
-        ? new Set((await tx.selectFrom('users').select('address').where('address', 'in', headerLocals).execute()).map((u) => u.address))
+        ? new Set((await tx.selectFrom('users').select('address').where(sql<boolean>`address = any(${headerLocals}::text[])`).execute()).map((u) => u.address))
         : new Set<string>();
       const warnings: string[] = [];
       let participants = uniq([
@@ -686,18 +715,10 @@ function authJson(auth: EmailAuthentication | null): string | null {
  * Who adds an email sender to a conversation (the rule of {@link ingestEmail}): the first
  * of the message's local recipients in it who is active with write permission, else the
  * creator if active with write permission, else the earliest-added such participant.
+ * @param addresses the active participants with write permission, earliest-added first
  * @throws Unprocessable when nobody in the conversation may add participants
  */
-async function chooseAdder(tx: Tx, row: ConversationRow, localRecipients: string[]): Promise<string> {
-  const able = await tx
-    .selectFrom('participants')
-    .select(['address', 'added_id'])
-    .where('conv_id', '=', row.id)
-    .where('removed_id', 'is', null)
-    .where('perms', 'in', ['write', 'full'])
-    .orderBy('added_id')
-    .execute();
-  const addresses = able.map((p) => p.address);
+function chooseAdder(row: ConversationRow, addresses: string[], localRecipients: string[]): string {
   const pick = localRecipients.find((a) => addresses.includes(a)) ?? (addresses.includes(row.creator) ? row.creator : addresses[0]);
   if (!pick) throw new Unprocessable(`nobody in conversation ${row.key} may add the sender as a participant`);
   return pick;

@@ -10,7 +10,7 @@
  *   553 5.1.3 (invalid address). At most {@link MAX_RECIPIENTS} recipients per message.
  * - Size: the SIZE extension (RFC 1870) advertises `config.maxMessageBytes`; a larger
  *   declared SIZE is refused at MAIL FROM, a larger message after DATA, both with 552.
- * - DATA: answered 250 only after `ingestEmail` committed the message (raw bytes first);
+ * - DATA: answered 250 only after the message was committed (ingest-email.ts; raw bytes first);
  *   a message that cannot be used (e.g. no sender at all) is kept raw and refused with
  *   554 5.6.0 and the reason; an internal error (database down…) answers 451 4.3.0 so the
  *   sending MTA retries; nothing ever throws out of a handler.
@@ -21,11 +21,18 @@
  * - At most {@link MAX_CLIENTS} connections at once (more get 421); idle connections time
  *   out after {@link SOCKET_TIMEOUT_MS}.
  * - Every refusal is logged (warn) with the client, the command and the reason.
+ * - **Write combining**: messages are parsed and authenticated as they arrive, then
+ *   committed by {@link writeCombiner}: while a transaction for the same recipients is in
+ *   flight, the messages that arrive queue, and the next transaction takes all of them
+ *   (ingest-email.ts `commitEmails`: one COMMIT, each recipient's stream counter locked
+ *   once per batch instead of once per message). Each message is still answered only once
+ *   its transaction has committed; a batch that fails is redone one message at a time, so
+ *   one bad message never fails the others.
  */
 import type { AddressInfo } from 'node:net';
 import { SMTPServer, type SMTPServerDataStream, type SMTPServerSession } from 'smtp-server';
 import type { Deps } from '../../context.ts';
-import { ingestEmail } from './ingest-email.ts';
+import { commitEmails, type IngestResult, type PreparedEmail, prepareEmail } from './ingest-email.ts';
 import { checkRecipient } from './recipients.ts';
 
 /** Most simultaneous SMTP connections. */
@@ -69,6 +76,46 @@ function protocolRefusalLogger(log: Deps['log']) {
   };
 }
 
+/** Most messages one combined transaction takes. */
+const MAX_BATCH = 32;
+
+/**
+ * A write combiner for prepared messages: one lane per set of envelope recipients; a lane
+ * commits what is queued, and whatever arrives meanwhile waits for that commit and then
+ * goes in the next transaction together. A message that arrives at an idle lane is
+ * committed at once (no added latency).
+ * @returns `commit(p)`, settling with the message's outcome once its transaction committed
+ */
+export function writeCombiner(deps: Deps): (p: PreparedEmail) => Promise<IngestResult> {
+  type Waiting = { p: PreparedEmail; resolve(r: IngestResult): void; reject(e: unknown): void };
+  const lanes = new Map<string, Waiting[]>();
+  const drain = async (key: string, queue: Waiting[]) => {
+    while (queue.length > 0) {
+      const batch = queue.splice(0, MAX_BATCH);
+      try {
+        const outcomes = await commitEmails(deps, batch.map((w) => w.p));
+        batch.forEach((w, i) => {
+          const o = outcomes[i];
+          if (o.status === 'fulfilled') w.resolve(o.value);
+          else w.reject(o.reason);
+        });
+      } catch (e) {
+        for (const w of batch) w.reject(e);
+      }
+    }
+    lanes.delete(key);
+  };
+  return (p) =>
+    new Promise<IngestResult>((resolve, reject) => {
+      const key = [...new Set(p.envelope.rcptTo.map((a) => a.toLowerCase()))].sort().join('\n');
+      const queue = lanes.get(key);
+      if (queue) return void queue.push({ p, resolve, reject });
+      const fresh: Waiting[] = [{ p, resolve, reject }];
+      lanes.set(key, fresh);
+      void drain(key, fresh);
+    });
+}
+
 /**
  * Starts the inbound SMTP server.
  * @returns the bound port and `stop()`, which stops accepting, lets open connections
@@ -78,6 +125,7 @@ function protocolRefusalLogger(log: Deps['log']) {
 export async function startSmtpServer(deps: Deps): Promise<{ port: number; stop(): Promise<void> }> {
   const { config, log } = deps;
   const inFlight = new Set<Promise<unknown>>();
+  const commit = writeCombiner(deps);
   const client = (s: SMTPServerSession) => ({ ip: s.remoteAddress, helo: s.hostNameAppearsAs || undefined, session: s.id });
 
   const server = new SMTPServer({
@@ -131,7 +179,8 @@ export async function startSmtpServer(deps: Deps): Promise<{ port: number; stop(
           log.error({ err: e, smtp: client(session) }, 'smtp: message could not be read');
           return callback(smtpError(451, '4.3.0 Temporary local problem reading the message; try again later'));
         }
-        const job = ingestEmail(deps, raw, { mailFrom, rcptTo, remoteIp: session.remoteAddress ?? '', helo: session.hostNameAppearsAs || '' })
+        const job = prepareEmail(deps, raw, { mailFrom, rcptTo, remoteIp: session.remoteAddress ?? '', helo: session.hostNameAppearsAs || '' })
+          .then(commit)
           .then((r) => {
             if (r.status === 'failed') {
               // A refusal says why; an internal error's details stay in the log and the database.
