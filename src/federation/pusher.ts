@@ -21,10 +21,11 @@ import { signedFetch } from './client.ts';
 import { MAX_PUSH_ACTIONS } from './hooks.ts';
 import { FEDERATION_CHANNEL } from './outbox.ts';
 import { attemptProposal, claimProposal, federationBackoffMs } from './proposals.ts';
-import { platformUrl } from './replication.ts';
+import { backfillFrom, platformUrl } from './replication.ts';
+import { primaryDomain } from '../context.ts';
 
 /** Lease of a claimed link, in ms: a worker killed mid-push frees it after this. */
-export const LINK_LEASE_MS = 60_000;
+export const LINK_LEASE_MS = 30_000;
 /** Most bytes of JSON in one push (a single larger action is sent alone). */
 export const MAX_PUSH_BYTES = 4 * 1024 * 1024;
 /** Longest wait for a push's answer, in ms. */
@@ -150,6 +151,33 @@ async function claimProposals(deps: Deps, limit: number): Promise<number[]> {
   return mine;
 }
 
+/** Conversations a starting replica catches up on itself (the most recently active ones). */
+export const STARTUP_CATCHUP_CONVERSATIONS = 1000;
+
+/**
+ * What a platform does when its worker starts (after a crash, a restart, a long outage):
+ * for the conversations it replicates (led elsewhere), most recently active first, it asks
+ * each leader for the actions after its last one (backfill), instead of waiting for the
+ * leaders' next push attempt, which may be minutes away after a long outage. Its request also
+ * tells the leader it is back (the leader resets the link's backoff).
+ */
+export async function catchUpReplicas(deps: Deps, isStopped: () => boolean = () => false): Promise<number> {
+  const r = await sql<{ key: string; leader: string; last_id: number }>`
+    select key, leader, last_id from conversations
+     where published and leader <> ${primaryDomain(deps)}
+     order by last_ts desc nulls last limit ${STARTUP_CATCHUP_CONVERSATIONS}`.execute(deps.db.kysely);
+  let got = 0;
+  for (const c of r.rows) {
+    if (isStopped()) break;
+    try {
+      got += (await backfillFrom(deps, c.leader, c.key, c.last_id)) - c.last_id;
+    } catch (e) {
+      deps.log.warn({ conv: c.key, leader: c.leader, err: (e as Error).message }, 'catch-up at start failed; the leader pushes later');
+    }
+  }
+  return got;
+}
+
 /** Starts the federation worker of the worker role. */
 export async function startFederationWorker(deps: Deps, opts: { pollMs?: number; concurrency?: number } = {}): Promise<FederationWorker> {
   const concurrency = opts.concurrency ?? 8;
@@ -180,6 +208,7 @@ export async function startFederationWorker(deps: Deps, opts: { pollMs?: number;
   await listener.query(`LISTEN ${FEDERATION_CHANNEL}`);
   const timer = setInterval(runner.kick, opts.pollMs ?? 1000);
   runner.kick();
+  const catchingUp = catchUpReplicas(deps, () => stopped).catch((e) => deps.log.warn({ err: e }, 'catch-up at start failed'));
   return {
     kick: runner.kick,
     idle: runner.idle,
@@ -187,6 +216,7 @@ export async function startFederationWorker(deps: Deps, opts: { pollMs?: number;
       stopped = true;
       clearInterval(timer);
       await runner.stop();
+      await catchingUp;
       await listener.end().catch(() => {});
     },
   };

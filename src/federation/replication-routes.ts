@@ -14,7 +14,7 @@ import { type Deps, primaryDomain } from '../context.ts';
 import { conflict, forbidden, notFound } from '../platform/errors.ts';
 import { findConversation, readActions } from '../conversations/store.ts';
 import { checkPeerBatch, fetchMissingBlobs, MAX_PUSH_ACTIONS } from './hooks.ts';
-import { samePlatform } from './outbox.ts';
+import { FEDERATION_CHANNEL, samePlatform } from './outbox.ts';
 import { acceptProposal } from './proposals.ts';
 import { batchOf, joinFromLeader, receiveActions, UnknownConversation } from './replication.ts';
 import { verifiedJson } from './routes.ts';
@@ -64,10 +64,15 @@ export async function replicationRoutes(scope: FastifyInstance, deps: Deps, auth
     const row = await findConversation(deps.db.kysely, key);
     if (!row || row.key !== key || !row.published) throw notFound('conversation');
     if (row.leader !== primaryDomain(deps)) throw conflict('not_leader', `this platform does not lead conversation ${key}; ${row.leader} does`, { leader: row.leader });
-    const links = await sql<{ platform: string; stop_id: number | null }>`select platform, stop_id from federation_links where conv_id = ${row.id}`.execute(deps.db.kysely);
-    let link: { stop_id: number | null } | undefined;
+    const links = await sql<{ platform: string; stop_id: number | null; attempts: number }>`select platform, stop_id, attempts from federation_links where conv_id = ${row.id}`.execute(deps.db.kysely);
+    let link: { platform: string; stop_id: number | null; attempts: number } | undefined;
     for (const l of links.rows) if (await samePlatform(deps, l.platform, peer.platform)) link = l;
     if (!link) throw forbidden('not_a_participant_platform', `no participant of ${peer.platform} takes or took part in conversation ${key}`);
+    if (link.attempts > 0) {
+      // The platform is reachable again (it asks): push to it now rather than after the backoff.
+      await sql`update federation_links set attempts = 0, next_attempt_at = now() where conv_id = ${row.id} and platform = ${link.platform}`.execute(deps.db.kysely);
+      await sql`select pg_notify(${FEDERATION_CHANNEL}, '')`.execute(deps.db.kysely);
+    }
     const upTo = Math.min(row.last_id, link.stop_id ?? row.last_id);
     return { actions: since >= upTo ? [] : await readActions(deps.db.kysely, row.id, since + 1, upTo, limit), last_id: upTo };
   };
