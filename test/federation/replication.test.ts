@@ -178,14 +178,16 @@ describe('replication between platforms (real processes)', () => {
     const alice = await A.user('kim@alpha.test');
     const bea = await B.user('bea@beta.test');
     const key = ok(await alice.post('/api/conversations', { subject: 'Under fire', participants: ['bea@beta.test'], messages: [{ body: 'start' }] }), 201).key;
-    // The first 300 of 1,000 actions, then B dies mid-stream while A keeps appending and pushing.
-    await postMany(alice, key, 300, 'burst');
-    await waitUntil('B to store some of the burst', async () => (await logOf(B, key)).length > 3);
+    // 1,000 actions appended on A (100 per request) and pushed to B; B dies mid-stream.
+    const posting = postMany(alice, key, 1000, 'burst');
+    await waitUntil('B to store some of the burst', async () => (await logOf(B, key)).length > 3, 60_000, 20);
     await B.kill('SIGKILL');
-    const last = await postMany(alice, key, 700, 'burst-more');
+    const last = await posting;
     const expected = await leaderLog(key, last.id);
     assert.equal(expected.length, last.id);
     assert.ok(expected.length >= 1000);
+    const atKill = (await logOf(B, key)).length;
+    assert.ok(atKill > 3 && atKill < expected.length, `B had ${atKill} of ${expected.length} actions when killed`);
     await B.start();
     await converged(B, key, expected, 180_000);
     // No loss, no duplicate: each message once, in order, as on A.
