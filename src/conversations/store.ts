@@ -261,7 +261,7 @@ const messagesWriter: RowWriter<MessageRow> = {
   },
 };
 
-/** A row of `attachments`: one file of a message. */
+/** A row of `attachments`: one file of a message, in some version of it (migration 031). */
 interface AttachmentRow {
   conv_id: number;
   message_id: number;
@@ -283,7 +283,7 @@ const attachmentsWriter: RowWriter<AttachmentRow> = {
         from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb)
           as r(conv_id bigint, message_id integer, ordinal integer, sha256 text, name text, content_type text, size bigint,
                content_id text, inline boolean)
-      on conflict do nothing`.execute(tx);
+      on conflict (conv_id, message_id, ordinal, sha256) do nothing`.execute(tx);
   },
 };
 
