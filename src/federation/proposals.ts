@@ -25,7 +25,7 @@ import { type Deps, primaryDomain } from '../context.ts';
 import { isoTime } from '../platform/clock.ts';
 import { AppError, conflict, notFound } from '../platform/errors.ts';
 import { notifyAfterCommit, transaction, type Tx } from '../store/db.ts';
-import { localUserIds, storeActions } from '../conversations/append.ts';
+import { resolveLocalUsers, storeActions } from '../conversations/append.ts';
 import { type ConversationRow, loadedParticipantRows, loadState, lockConversation, readActions } from '../conversations/store.ts';
 import { cloneState, parseActionSig, signActions } from './action-signatures.ts';
 import { CLOCK_SKEW_S, type VerifiedPeer } from './http-signatures.ts';
@@ -310,7 +310,8 @@ export async function acceptProposal(deps: Deps, peer: VerifiedPeer, key: string
     const state = await loadState(tx, row, referencedMessages(proposed));
     const check = await verifyReceivedLog(deps, proposed, { from: state });
     if (!check.ok) throw invalidLog(check.id, check.reason, check.message, check.code);
-    const newUserIds = await localUserIds(tx, deps, proposed.filter((a) => a.act === 'participant:add').map((a) => a.participant!));
+    // Adding one of this platform's addresses needs a user behind it, as for a local append (400 unknown_local_address).
+    const newUserIds = await resolveLocalUsers(tx, deps, proposed.filter((a) => a.act === 'participant:add').map((a) => a.participant!));
     await storeActions(tx, deps, row, check.state, proposed, true, { rows: loadedParticipantRows.get(state) ?? new Map(), newUserIds });
     return { actions: proposed, last_id: check.state.header!.last_id };
   });
