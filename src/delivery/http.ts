@@ -43,18 +43,35 @@ function target(url: string): { https: boolean; hostname: string; port: string; 
   return t;
 }
 
+/** Network errors of a kept-alive connection the counterpart closed meanwhile (a request on it was not answered). */
+const STALE_SOCKET = new Set(['ECONNRESET', 'EPIPE', 'ECONNABORTED']);
+
 /**
  * One HTTP POST over the shared keep-alive agents: no redirects are followed (a 3xx is
  * returned as it is), the answer's body is read (up to MAX_READ_BYTES; `maxBytes` of it kept).
- * `signal` aborts the request (and destroys its connection).
+ * `signal` aborts the request (and destroys its connection). A request that fails on a reused
+ * connection before any answer (the counterpart closed it while it was idle: ECONNRESET,
+ * EPIPE) is sent again on another connection, twice at most — the usual keep-alive race, not
+ * a failure of the counterpart; the requests carry idempotency keys.
  * @throws Error on a network error, an invalid URL, or when `signal` aborts (the caller checks `signal.aborted`)
  */
-export function postOnce(url: string, headers: Record<string, string>, body: string, signal: AbortSignal, maxBytes = 64 * 1024): Promise<HttpAnswer> {
+export async function postOnce(url: string, headers: Record<string, string>, body: string, signal: AbortSignal, maxBytes = 64 * 1024): Promise<HttpAnswer> {
+  const t = target(url);
+  if (typeof t === 'string') throw new Error(t);
+  headers['content-length'] = String(Buffer.byteLength(body));
+  for (let tries = 1; ; tries++) {
+    try {
+      return await postOn(t, headers, body, signal, maxBytes);
+    } catch (e) {
+      const err = e as NodeJS.ErrnoException & { reusedSocket?: boolean };
+      if (!err.reusedSocket || !STALE_SOCKET.has(err.code ?? '') || signal.aborted || tries >= 3) throw e;
+    }
+  }
+}
+
+function postOn(t: { https: boolean; hostname: string; port: string; path: string }, headers: Record<string, string>, body: string, signal: AbortSignal, maxBytes: number): Promise<HttpAnswer> {
   return new Promise<HttpAnswer>((resolve, reject) => {
-    const t = target(url);
-    if (typeof t === 'string') return reject(new Error(t));
     if (signal.aborted) return reject(new Error('aborted'));
-    headers['content-length'] = String(Buffer.byteLength(body));
     const req = (t.https ? httpsRequest : httpRequest)({
       method: 'POST',
       hostname: t.hostname,
@@ -67,7 +84,7 @@ export function postOnce(url: string, headers: Record<string, string>, body: str
     signal.addEventListener('abort', onAbort, { once: true });
     req.on('error', (e) => {
       signal.removeEventListener('abort', onAbort);
-      reject(e);
+      reject(Object.assign(e, { reusedSocket: req.reusedSocket }));
     });
     req.on('response', (res) => {
       let text = '';
