@@ -282,13 +282,24 @@ async function commitOne(deps: Deps, p: PreparedEmail): Promise<IngestResult> {
   }
 }
 
-/** The batch transaction: every raw row in one statement, then each message in turn; `at.index` tells which message threw. */
+/**
+ * The batch transaction: every raw row in one statement; every message's Message-ID lock
+ * (in key order: batches never deadlock on them) and the users among all recipients in
+ * another; then each message in turn. `at.index` tells which message threw.
+ */
 async function commitBatch(tx: Tx, deps: Deps, batch: PreparedEmail[], at: { index: number }): Promise<IngestResult[]> {
   const ids = await storeRawRows(tx, batch);
+  const keys = uniq(batch.map((p) => lockKeyOf(p.parsed!, p.sha256))).sort();
+  const addresses = uniq(batch.flatMap((p) => userAddressesOf(deps, p.envelope)));
+  const r = await sql<{ users: string[] }>`
+    select array(select address from users where address = any(${addresses}::text[])) as users
+      from (select count(pg_advisory_xact_lock(hashtextextended(s.k, 0)))
+              from (select k from unnest(${keys}::text[]) as k order by k) s) l`.execute(tx);
+  const users = new Set(r.rows[0].users);
   const out: IngestResult[] = [];
   for (let k = 0; k < batch.length; k++) {
     at.index = k;
-    out.push(await applyEmail(tx, { ...deps, clock: batch[k].clock }, contextOf(batch[k], ids[k])));
+    out.push(await applyEmail(tx, { ...deps, clock: batch[k].clock }, { ...contextOf(batch[k], ids[k]), users }));
   }
   at.index = -1;
   return out;
@@ -430,6 +441,8 @@ function isRetryable(e: unknown): boolean {
 
 interface IngestContext {
   inboundId: number;
+  /** Set in a batch: the users among the batch's recipients, the Message-ID locks already held. */
+  users?: Set<string>;
   sha256: string;
   envelope: Envelope;
   parsed: ParsedEmail;
@@ -438,6 +451,19 @@ interface IngestContext {
   auth: EmailAuthentication | null;
   /** No outbound email at all (import). */
   quiet: boolean;
+}
+
+/**
+ * The lock that makes ingests of one message serial (its Message-ID, else its raw bytes):
+ * a message delivered twice at once is recorded once.
+ */
+function lockKeyOf(parsed: ParsedEmail, sha256: string): string {
+  return `parley:inbound:${parsed.messageId === null ? sha256 : storableText(parsed.messageId)}`;
+}
+
+/** The envelope recipients that would be local users (not reply addresses), lower-cased and deduplicated. */
+function userAddressesOf(deps: Deps, envelope: Envelope): string[] {
+  return uniq(envelope.rcptTo.map((a) => a.trim().toLowerCase())).filter((a) => replyKeyOf(deps, a) === null && isLocalAddress(deps, a));
 }
 
 /** Sorts and dedupes addresses. */
@@ -465,12 +491,17 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
   // recipients are users.
   const rcpts = uniq(envelope.rcptTo.map((a) => a.trim().toLowerCase()));
   const replyKeys = uniq(rcpts.map((a) => replyKeyOf(deps, a)).filter((k): k is string => k !== null));
-  const userAddresses = rcpts.filter((a) => replyKeyOf(deps, a) === null && isLocalAddress(deps, a));
-  const lockKey = `parley:inbound:${mid ?? c.sha256}`;
-  const locked = await sql<{ locals: string[] }>`
-    select array(select address from users where address = any(${userAddresses}::text[]) order by address) as locals
-      from (select pg_advisory_xact_lock(hashtextextended(${lockKey}, 0))) l`.execute(tx);
-  const locals = locked.rows[0].locals;
+  const userAddresses = userAddressesOf(deps, envelope);
+  let locals: string[];
+  if (c.users) {
+    // A batch took the lock and read the users for all its messages (commitBatch).
+    locals = userAddresses.filter((a) => c.users!.has(a)).sort();
+  } else {
+    const locked = await sql<{ locals: string[] }>`
+      select array(select address from users where address = any(${userAddresses}::text[]) order by address) as locals
+        from (select pg_advisory_xact_lock(hashtextextended(${lockKeyOf(c.parsed, c.sha256)}, 0))) l`.execute(tx);
+    locals = locked.rows[0].locals;
+  }
   const replyConvs = replyKeys.length
     ? await tx.selectFrom('conversations').select(['id', 'key']).where(sql<boolean>`key = any(${replyKeys}::text[])`).where('published', '=', true).execute()
     : [];
