@@ -509,29 +509,50 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
   // database crash only means the row is attempted again, with the same idempotency key.
   const claimer = ownConnection(deps, connectionString, 'claims', '-c enable_seqscan=off -c enable_bitmapscan=off -c enable_sort=off');
   const recorder = ownConnection(deps, connectionString, 'outcomes', '-c synchronous_commit=off -c enable_seqscan=off -c enable_bitmapscan=off -c enable_hashjoin=off -c enable_mergejoin=off');
-  const waiting: Outcome[] = [];
-  let recording = false;
+  // Outcomes wait for their recorder, which writes them a batch at a time. An outcome whose
+  // claim is about to end (a short lease, an attempt that ran to its timeout) goes to a second
+  // recorder on a third connection instead, so that no batch in progress delays it past its
+  // lease (the row would be claimed again and its outcome recorded as an attempt only).
+  const late = ownConnection(deps, connectionString, 'late outcomes', '-c synchronous_commit=off -c enable_seqscan=off -c enable_bitmapscan=off -c enable_hashjoin=off -c enable_mergejoin=off');
   let handled = 0;
-  const flush = async () => {
-    if (recording) return;
-    recording = true;
-    try {
-      while (waiting.length > 0) {
-        const outcomes = waiting.splice(0, batch);
+  const recorderOf = (exec: Exec) => {
+    const queue: Outcome[] = [];
+    const r = {
+      queue,
+      busy: false,
+      add(o: Outcome) {
+        queue.push(o);
+        void r.flush();
+      },
+      async flush() {
+        if (r.busy) return;
+        r.busy = true;
         try {
-          await recordOutcomes(deps, recorder.exec, worker, outcomes);
-        } catch (e) {
-          // The claims stay until their leases end; the rows are attempted again then, same keys.
-          deps.log.error({ err: e, deliveries: outcomes.map((o) => o.d.id) }, 'delivery attempts could not be recorded');
+          while (queue.length > 0) {
+            const outcomes = queue.splice(0, batch);
+            try {
+              await recordOutcomes(deps, exec, worker, outcomes);
+            } catch (e) {
+              // The claims stay until their leases end; the rows are attempted again then, same keys.
+              deps.log.error({ err: e, deliveries: outcomes.map((o) => o.d.id) }, 'delivery attempts could not be recorded');
+            }
+            handled += outcomes.length;
+          }
+        } finally {
+          r.busy = false;
         }
-        handled += outcomes.length;
         settled();
-      }
-    } finally {
-      recording = false;
-    }
-    settled();
-    pump();
+        pump();
+      },
+    };
+    return r;
+  };
+  const recorders = { batch: recorderOf(recorder.exec), late: recorderOf(late.exec) };
+  /** Time left on a claim below which its outcome skips the batch queue: a quarter of the lease, at most 1 s. */
+  const lateMs = Math.min(1000, leaseMs / 4);
+  const record = (o: Outcome) => {
+    const leaseLeft = o.d.locked_until ? new Date(o.d.locked_until).getTime() - Date.now() : Infinity;
+    (leaseLeft < lateMs ? recorders.late : recorders.batch).add(o);
   };
 
   // ---- Attempts. ----
@@ -566,7 +587,7 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
     if (limit) limit.inflight++;
     handle(d)
       .then(
-        (o) => void waiting.push(o),
+        (o) => record(o),
         // handle() does not throw (plugins' throws are outcomes); if it did, the claim stays until its lease ends.
         (e) => deps.log.error({ err: e, delivery: d.id }, 'delivery attempt failed unexpectedly'),
       )
@@ -576,7 +597,7 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
           limit.inflight--;
           mayBeDue = true; // its rows were not claimed while it was full
         }
-        void flush();
+        settled();
         pump();
       });
   };
@@ -608,7 +629,7 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
     if (claiming || stopped || !mayBeDue) return;
     const free = concurrency - inflight;
     // Lanes are busy, or outcomes are piling up faster than they are recorded: wait for them.
-    if (free <= 0 || (inflight > 0 && free < refillAt) || waiting.length >= 2 * batch) return;
+    if (free <= 0 || (inflight > 0 && free < refillAt) || recorders.batch.queue.length >= 2 * batch) return;
     claiming = true;
     mayBeDue = false; // a kick during the claim sets it again
     claimRound(free)
@@ -631,7 +652,8 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
 
   // ---- Idle waiters (runOnce, stop). ----
   let idleWaiters: (() => void)[] = [];
-  const isIdle = () => !claiming && inflight === 0 && waiting.length === 0 && !recording;
+  const isIdle = () =>
+    !claiming && inflight === 0 && recorders.batch.queue.length === 0 && !recorders.batch.busy && recorders.late.queue.length === 0 && !recorders.late.busy;
   function settled() {
     if (!isIdle() || idleWaiters.length === 0) return;
     const ws = idleWaiters;
@@ -685,7 +707,7 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
       await listener.end().catch(() => {});
       await idle();
       while (sweeping) await new Promise((r) => setTimeout(r, 10));
-      await Promise.all([claimer.end(), recorder.end()]);
+      await Promise.all([claimer.end(), recorder.end(), late.end()]);
     },
   };
 }
