@@ -57,13 +57,15 @@ export function isDomainAllowed(config: Pick<Config, 'federationAllow' | 'federa
 }
 
 /**
- * Refuses a remote platform the allow/deny lists exclude.
- * @param peer the platform name (primary domain) from a keyid
+ * Refuses a remote platform the allow/deny lists exclude — the one check of both directions:
+ * inbound requests (its keyid's platform) and every outbound contact (pushes, proposals,
+ * backfill and log fetches, through replication.ts platformUrl; blob fetches).
+ * @param peer the platform name (primary domain) from a keyid, or the platform to be called
  * @throws AppError 403 platform_denied `{details: {platform}}`
  */
 export function checkPeerAllowed(deps: Pick<Deps, 'config'>, peer: string): void {
   if (!isDomainAllowed(deps.config, peer))
-    throw forbidden('platform_denied', `this platform does not federate with ${peer}`, { platform: peer });
+    throw forbidden('platform_denied', `this platform does not federate with ${peer} (PARLEY_FEDERATION_DENY / PARLEY_FEDERATION_ALLOW)`, { platform: peer });
 }
 
 /** One remote platform's token bucket. `tokens` may go negative: requests admitted together are all charged. */

@@ -13,7 +13,8 @@
  *   rebuilt on the new head (a `follows` no longer the head is the user's own 409, the
  *   proposal fails) and proposed again;
  * - network error, timeout, 5xx, 429, transient 401: the proposal stays pending, retried
- *   after 1 s, 2 s, 4 s … capped at 5 min;
+ *   after 1 s, 2 s, 4 s … capped at 5 min; so does a proposal to a leader the allow/deny
+ *   lists exclude, which is never contacted (`last_error` `platform_denied: …`);
  * - any other refusal: the proposal fails with the leader's reason.
  *
  * **Leader side.** {@link acceptProposal} checks a proposal and appends it unchanged.
@@ -196,7 +197,8 @@ async function attemptClaimed(deps: Deps, id: number): Promise<ProposalOutcome> 
       r = await signedFetch(deps, `${url}/federation/v1/conversations/${p.key}/proposals`, { json: { actions: p.actions }, timeoutMs: PROPOSAL_TIMEOUT_MS });
       text = await r.text();
     } catch (e) {
-      const why = `${p.leader} unreachable: ${(e as Error).message}`;
+      // A leader the allow/deny lists exclude is not contacted (platformUrl): pending, like an unreachable one.
+      const why = e instanceof AppError && e.code === 'platform_denied' ? `platform_denied: ${e.message}; the proposal waits` : `${p.leader} unreachable: ${(e as Error).message}`;
       await release(deps, id, p.attempts + 1, why);
       return { state: 'pending', actions: p.actions, error: why };
     }

@@ -16,6 +16,7 @@ import { sql } from 'kysely';
 import type { Action } from '../core/actions.ts';
 import type { Deps } from '../context.ts';
 import { coalescingRunner } from '../platform/coalesce.ts';
+import { AppError } from '../platform/errors.ts';
 import { readActions } from '../conversations/store.ts';
 import { signedFetch } from './client.ts';
 import { MAX_PUSH_ACTIONS } from './hooks.ts';
@@ -98,7 +99,9 @@ async function saveLink(deps: Deps, link: LinkRow, acked: number, failures: numb
 /**
  * Pushes a claimed link until the platform has every action it may have, or a push fails.
  * Answers (docs/federation.md, "Push"): 200 `{last_id}` → acked; 409 `gap` `{last_id}` →
- * resend from there; anything else, a timeout or a network error → backoff.
+ * resend from there; anything else, a timeout or a network error → backoff. A platform the
+ * allow/deny lists exclude is not contacted: the link backs off with `last_error`
+ * `platform_denied: …` (issue 3 §9).
  */
 export async function pushLink(deps: Deps, link: LinkRow): Promise<void> {
   let acked = link.acked_id;
@@ -135,6 +138,13 @@ export async function pushLink(deps: Deps, link: LinkRow): Promise<void> {
     await saveLink(deps, link, acked, 0, null, true);
   } catch (e) {
     failures++;
+    if (e instanceof AppError && e.code === 'platform_denied') {
+      // Denied after the link was made: it waits, with no request sent, until the lists change.
+      const why = `platform_denied: ${e.message}; nothing is sent to it while it is excluded`;
+      deps.log.info({ conv: link.key, platform: link.platform, acked }, why);
+      await saveLink(deps, link, acked, failures, why, true);
+      return;
+    }
     deps.log.warn({ conv: link.key, platform: link.platform, acked, failures, err: (e as Error).message }, 'federation push failed; retrying later');
     await saveLink(deps, link, acked, failures, (e as Error).message, true);
   }

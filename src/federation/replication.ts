@@ -18,6 +18,7 @@ import { isUniqueViolation, transaction, type Tx } from '../store/db.ts';
 import { localUserIds, storeActions } from '../conversations/append.ts';
 import { recordEffects } from '../conversations/effects.ts';
 import { type ConversationRow, insertConversation, loadedParticipantRows, loadState, lockConversation, persistState } from '../conversations/store.ts';
+import { checkPeerAllowed } from './abuse.ts';
 import { parseActionSig } from './action-signatures.ts';
 import { signedFetch } from './client.ts';
 import { checkPeerBatch, fetchMissingBlobs, MAX_PUSH_ACTIONS } from './hooks.ts';
@@ -152,8 +153,14 @@ async function markProposalsApplied(tx: Tx, convId: number, actions: Action[]): 
      where conv_id = ${convId} and state = 'pending' and actions->0->>'hash' = any(${actions.map((a) => a.hash)}::text[])`.execute(tx);
 }
 
-/** The base URL of platform `name` (discovery). @throws AppError 502 when it has none or cannot be found now */
+/**
+ * The base URL of platform `name` (discovery), for a request this platform is about to send.
+ * Every outbound replication request (push, proposal, backfill, log) gets its URL here, so
+ * a platform the allow/deny lists exclude is never discovered nor called (issue 3 §9).
+ * @throws AppError 403 platform_denied (abuse.ts checkPeerAllowed); 502 peer_unavailable when it has none or cannot be found now
+ */
 export async function platformUrl(deps: Deps, name: string): Promise<string> {
+  checkPeerAllowed(deps, name);
   let ref;
   try {
     ref = await discoverPlatform(deps, name);

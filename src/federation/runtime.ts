@@ -11,13 +11,14 @@ import { type Discovery, DiscoveryUnavailable, createDiscovery } from './discove
 import { type KeyResolver, type ReplayStore, parseKeyId } from './http-signatures.ts';
 import { localKeyResolver } from './keys.ts';
 import { createRemoteKeyResolver } from './remote-keys.ts';
+import { isDomainAllowed } from './abuse.ts';
 import { pgReplayStore } from './replay.ts';
 import { type LogCheck, type OriginCheck, type VerifyLogOptions, verifyLog } from './action-signatures.ts';
 
 /** What federation code of one platform process shares. */
 export interface FederationRuntime {
   discovery: Discovery;
-  /** Own keys from the database, other platforms' keys over HTTP (cached). */
+  /** Own keys from the database, other platforms' keys over HTTP (cached); null for a platform the allow/deny lists exclude (never fetched). */
   resolveKey: KeyResolver;
   replay: ReplayStore;
 }
@@ -43,7 +44,13 @@ export function federationOf(deps: Deps): FederationRuntime {
   const remote = createRemoteKeyResolver({ discovery, now: () => deps.clock.now() });
   r = {
     discovery,
-    resolveKey: (keyId) => (parseKeyId(keyId)?.platform === primaryDomain(deps) ? local(keyId) : remote(keyId)),
+    resolveKey: (keyId) => {
+      const platform = parseKeyId(keyId)?.platform;
+      if (platform === primaryDomain(deps)) return local(keyId);
+      // The keys of a platform the allow/deny lists exclude are never fetched: its signatures are `unknown_key`.
+      if (platform !== undefined && !isDomainAllowed(deps.config, platform)) return Promise.resolve(null);
+      return remote(keyId);
+    },
     replay: pgReplayStore(deps.db, () => deps.clock.now()),
   };
   runtimes.set(deps.db, r);
