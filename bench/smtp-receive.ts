@@ -2,13 +2,17 @@
  * Benchmark: inbound SMTP — a direct SMTP client (nodemailer, pooled, 4 connections) sends
  * raw easy_ham messages to a platform's smtp role for one local user (docs/benchmarks.md).
  */
+import { execFileSync } from 'node:child_process';
 import { readFileSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import nodemailer from 'nodemailer';
 import pg from 'pg';
+// @ts-expect-error — a plain ES module without types (scripts/cli-bundle.mjs)
+import { bundleIsCurrent } from '../scripts/cli-bundle.mjs';
 import {
   BENCH_DOMAIN,
   EASY_HAM,
+  ROOT,
   createUsers,
   percentile,
   processCpuMs,
@@ -34,6 +38,8 @@ export interface SmtpFigures {
   smtp_client_cpu_ms_per_msg: number;
   /** Messages stored in the database at the end (warm-up included), a check that every 250 was committed. */
   smtp_messages_stored: number;
+  /** 1 when the platform ran the CLI bundle (dist/parley.mjs, built as `npm install` does), 0 when the sources through tsx (sources changed meanwhile). */
+  smtp_platform_bundled: number;
 }
 
 /** The corpus's raw messages, in file order, without the mbox `From ` line that precedes the header. */
@@ -66,7 +72,10 @@ export async function benchSmtpReceive(database: BenchDatabase, opts: { count?: 
   const data = tempDataDir('smtp');
   const rcpt = `inbox@${BENCH_DOMAIN}`;
   await createUsers(url, data.dir, [rcpt]);
-  progress('smtp: starting platform (--roles smtp)');
+  // The platform as installed: `npm install` builds the CLI bundle (the `prepare` script).
+  execFileSync(process.execPath, [join(ROOT, 'scripts', 'build-cli.mjs')], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const bundled: boolean = bundleIsCurrent();
+  progress(`smtp: starting platform (--roles smtp, ${bundled ? 'bundle' : 'sources through tsx'})`);
   const platform = await startPlatformProcess({ databaseUrl: url, dataDir: data.dir, roles: ['smtp'] });
   const transport = nodemailer.createTransport({
     pool: true,
@@ -129,6 +138,7 @@ export async function benchSmtpReceive(database: BenchDatabase, opts: { count?: 
       ...(pg0 !== null && pg1 !== null ? { smtp_pg_cpu_ms_per_msg: round((pg1 - pg0) / sent, 3) } : {}),
       smtp_client_cpu_ms_per_msg: round((client.user + client.system) / 1000 / sent, 3),
       smtp_messages_stored: stored,
+      smtp_platform_bundled: bundled ? 1 : 0,
     };
   } finally {
     transport.close();
