@@ -19,6 +19,7 @@ import type { ConversationState } from '../core/reducer.ts';
 import { type Deps, isLocalAddress, primaryDomain } from '../context.ts';
 import { AppError } from '../platform/errors.ts';
 import { notifyAfterCommit, type Queryable, type Tx } from '../store/db.ts';
+import { bridgingEmail } from '../mail/outbound/enqueue.ts';
 import { DiscoveryUnavailable } from './discovery.ts';
 import { discoverPlatform } from './runtime.ts';
 
@@ -75,8 +76,19 @@ export async function trackReplication(tx: Tx, deps: Deps, convId: number, s: Co
   const changed = new Set<string>();
   if (remoteAdds.length > 0) {
     const rows: { address: string; platform: string }[] = [];
-    for (const a of remoteAdds) {
-      const platform = await platformOfAddress(deps, a.participant!);
+    // Participants the email bridge adds took part by email: no discovery (no DNS or HTTPS
+    // probe of every correspondent's domain while importing an archive).
+    for (const a of bridgingEmail(tx) ? [] : remoteAdds) {
+      let platform: string | null;
+      try {
+        platform = await platformOfAddress(deps, a.participant!);
+      } catch (e) {
+        // Discovery cannot answer now (DNS down, offline machine): the write must not fail for
+        // it; the participant is reached by email, as one on a domain without a platform.
+        if (!(e instanceof AppError && e.code === 'discovery_unavailable')) throw e;
+        deps.log.warn({ address: a.participant, err: e.message }, 'platform discovery unavailable; participant treated as an email participant');
+        platform = null;
+      }
       if (platform !== null) rows.push({ address: a.participant!, platform });
     }
     if (rows.length > 0) {

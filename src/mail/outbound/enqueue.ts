@@ -52,6 +52,16 @@ export function suppressEmails(tx: Tx, mode: EmailSuppression | null): void {
 }
 
 /**
+ * True while the email bridge appends in `tx` ({@link suppressEmails} in effect): the
+ * participants it adds took part by email — the sender and recipients of a received or
+ * imported message — and are email participants of the conversation whatever their domain
+ * (federation/outbox.ts trackReplication does not look their platforms up).
+ */
+export function bridgingEmail(tx: Tx): boolean {
+  return suppressed.has(tx);
+}
+
+/**
  * Creates, in the writing transaction, one `smtp` delivery row per email participant and
  * per action they should hear of (the transactional outbox), and records the outgoing
  * Message-IDs for threading replies. Email participants are participants whose domain is
