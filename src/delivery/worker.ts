@@ -77,8 +77,10 @@ export async function claimDue(deps: Deps, worker: string, limit: number, leaseM
 
 /**
  * The claim (see claimDue): the due rows' ids are picked by an InitPlan over the `deliveries_due`
- * index, then updated by primary key. `filter` narrows the rows picked to some plugins
- * (`$4`): `only` one, or all `except` some.
+ * index, then updated by primary key. Rows whose ids are in `$4` (those the claiming worker
+ * still holds: attempts in flight or outcomes not yet recorded, whose lease may have run out)
+ * are left alone; `filter` narrows the rows picked to some plugins (`$5`): `only` one, or all
+ * `except` some.
  */
 const claimSql = (filter: string) => `
 update deliveries d
@@ -87,20 +89,28 @@ update deliveries d
  where d.id = any (array(
          select id from deliveries
           where state in ('pending', 'sending') and next_attempt_at <= now()
-            and (locked_until is null or locked_until < now())${filter}
+            and (locked_until is null or locked_until < now())
+            and id <> all ($4::bigint[])${filter}
           order by next_attempt_at
           limit $3
           for update skip locked))
 returning d.*`;
 const CLAIM = {
   all: { name: 'parley_delivery_claim', text: claimSql('') },
-  only: { name: 'parley_delivery_claim_only', text: claimSql('\n            and plugin = $4') },
-  except: { name: 'parley_delivery_claim_except', text: claimSql('\n            and plugin <> all ($4::text[])') },
+  only: { name: 'parley_delivery_claim_only', text: claimSql('\n            and plugin = $5') },
+  except: { name: 'parley_delivery_claim_except', text: claimSql('\n            and plugin <> all ($5::text[])') },
 };
 
-/** Claims up to `limit` due rows (of plugin `filter.only`, or of any plugin but `filter.except`). */
-async function claimWith(exec: Exec, worker: string, limit: number, leaseMs: number, filter: { only?: string; except?: string[] } = {}): Promise<Delivery[]> {
-  const values: unknown[] = [worker, `${leaseMs} milliseconds`, limit];
+/** Claims up to `limit` due rows (of plugin `filter.only`, or of any plugin but `filter.except`), none of `held`. */
+async function claimWith(
+  exec: Exec,
+  worker: string,
+  limit: number,
+  leaseMs: number,
+  filter: { only?: string; except?: string[] } = {},
+  held: Iterable<number> = [],
+): Promise<Delivery[]> {
+  const values: unknown[] = [worker, `${leaseMs} milliseconds`, limit, [...held]];
   let q = CLAIM.all;
   if (filter.only !== undefined) {
     q = CLAIM.only;
@@ -244,26 +254,32 @@ type Exec = (q: { name: string; text: string; values: unknown[] }) => Promise<{ 
  * A connection of the worker's own with session `options` (e.g. `-c synchronous_commit=off`),
  * opened at first use and replaced when it breaks.
  */
-function ownConnection(deps: Deps, connectionString: string, purpose: string, options: string): { exec: Exec; end(): Promise<void> } {
+function ownConnection(deps: Deps, connectionString: string, purpose: string, options: string): { exec: Exec; open(): Promise<void>; end(): Promise<void> } {
   let client: Promise<pg.Client> | null = null;
   const drop = (c: Promise<pg.Client>) => {
     if (client !== c) return;
     client = null;
     void c.then((cl) => cl.end()).catch(() => {});
   };
+  const connect = (): Promise<pg.Client> => {
+    if (!client) {
+      const c = new pg.Client({ connectionString, options });
+      const p = c.connect().then(() => c);
+      c.on('error', (err) => {
+        deps.log.warn({ err, purpose }, 'delivery worker connection lost; reconnecting');
+        drop(p);
+      });
+      client = p;
+      p.catch(() => drop(p));
+    }
+    return client;
+  };
   return {
+    open: async () => {
+      await connect();
+    },
     exec: async (q) => {
-      if (!client) {
-        const c = new pg.Client({ connectionString, options });
-        const p = c.connect().then(() => c);
-        c.on('error', (err) => {
-          deps.log.warn({ err, purpose }, 'delivery worker connection lost; reconnecting');
-          drop(p);
-        });
-        client = p;
-        p.catch(() => drop(p));
-      }
-      const p = client;
+      const p = connect();
       try {
         return await (await p).query(q);
       } catch (e) {
@@ -515,6 +531,12 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
   // lease (the row would be claimed again and its outcome recorded as an attempt only).
   const late = ownConnection(deps, connectionString, 'late outcomes', '-c synchronous_commit=off -c enable_seqscan=off -c enable_bitmapscan=off -c enable_hashjoin=off -c enable_mergejoin=off');
   let handled = 0;
+  /**
+   * Rows this worker holds: claimed, and their outcome not yet recorded. Its claims leave them
+   * alone even when their lease ran out meanwhile (a late timer on a loaded machine): the
+   * outcome still applies then, unless another worker claimed the row in between.
+   */
+  const held = new Set<number>();
   const recorderOf = (exec: Exec) => {
     const queue: Outcome[] = [];
     const r = {
@@ -537,6 +559,7 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
               deps.log.error({ err: e, deliveries: outcomes.map((o) => o.d.id) }, 'delivery attempts could not be recorded');
             }
             handled += outcomes.length;
+            for (const o of outcomes) held.delete(o.d.id);
           }
         } finally {
           r.busy = false;
@@ -568,7 +591,13 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
       const config = await orgConfig(d.org_id, d.plugin);
       const problem = plugin.needsConfig && d.org_id !== null ? await configProblem(plugin, config) : null;
       if (problem) result = { outcome: 'failed', error: `${d.plugin} is not configured correctly for this organisation: ${problem}` };
-      else result = await attempt(deps, plugin, d, config, Math.max(100, Math.min(policy.attemptTimeoutMs, Math.floor(leaseMs * 0.8))));
+      else {
+        // The lease runs from the claim: the attempt ends a fifth of the lease before the claim
+        // does, so that its outcome is recorded while the claim still holds.
+        const leaseLeft = d.locked_until ? new Date(d.locked_until).getTime() - Date.now() : leaseMs;
+        const timeoutMs = Math.max(100, Math.min(policy.attemptTimeoutMs, Math.floor(leaseMs * 0.8), leaseLeft - Math.floor(leaseMs * 0.2)));
+        result = await attempt(deps, plugin, d, config, timeoutMs);
+      }
     }
     if (result.outcome !== 'accepted') deps.log.warn({ delivery: d.id, plugin: d.plugin, to: d.destination, result }, 'delivery attempt not accepted');
     return { d, result, durationMs: performance.now() - t0, at: new Date(deps.clock.now()), plugin, policy };
@@ -583,13 +612,17 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
   const limitedNames = [...limits.keys()];
   const start = (d: Delivery) => {
     inflight++;
+    held.add(d.id);
     const limit = limits.get(d.plugin);
     if (limit) limit.inflight++;
     handle(d)
       .then(
         (o) => record(o),
         // handle() does not throw (plugins' throws are outcomes); if it did, the claim stays until its lease ends.
-        (e) => deps.log.error({ err: e, delivery: d.id }, 'delivery attempt failed unexpectedly'),
+        (e) => {
+          held.delete(d.id);
+          deps.log.error({ err: e, delivery: d.id }, 'delivery attempt failed unexpectedly');
+        },
       )
       .finally(() => {
         inflight--;
@@ -612,14 +645,14 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
     for (const [name, l] of limits) {
       const want = Math.min(l.max - l.inflight, free);
       if (want <= 0) continue;
-      const rows = await claimWith(claimer.exec, worker, want, leaseMs, { only: name });
+      const rows = await claimWith(claimer.exec, worker, want, leaseMs, { only: name }, held);
       if (rows.length === want) full = true;
       free -= rows.length;
       for (const d of rows) start(d);
     }
     const want = Math.min(free, batch);
     if (want > 0) {
-      const rows = await claimWith(claimer.exec, worker, want, leaseMs, { except: limitedNames });
+      const rows = await claimWith(claimer.exec, worker, want, leaseMs, { except: limitedNames }, held);
       if (rows.length === want) full = true;
       for (const d of rows) start(d);
     }
@@ -691,6 +724,13 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
   listener.on('error', (err) => deps.log.warn({ err }, 'delivery listener lost; polling continues'));
   await listener.connect();
   await listener.query(`LISTEN ${DELIVERIES_CHANNEL}`);
+  // Open the worker's connections now, not on the first claim or late outcome.
+  try {
+    await Promise.all([claimer.open(), recorder.open(), late.open()]);
+  } catch (e) {
+    await Promise.all([listener.end(), claimer.end(), recorder.end(), late.end()]).catch(() => {});
+    throw e;
+  }
   const timer = setInterval(() => {
     kick();
     void sweep();
