@@ -207,8 +207,9 @@ export type BatchKind = 'push' | 'proposal' | 'log';
  * 3. **proposal** (`POST …/conversations/{key}/proposals`): this platform leads the
  *    conversation (404 not_found when it has no such conversation, 409 not_leader when another
  *    platform leads it); every action's actor is a user of `peer` — its domain is `peer` or
- *    discovery finds `peer` for it, an email participant is bridged (runtime.ts
- *    actorOriginCheck) — else 422 invalid_log, details `{id, reason: "wrong_origin"}`; and
+ *    discovery finds `peer` for it (runtime.ts actorOriginCheck; an email participant's
+ *    action is left to verifyLog, which knows the conversation's state) — else 422
+ *    invalid_log, details `{id, reason: "wrong_origin"}`; and
  *    every actor is an active participant of the conversation now, or is added by an earlier
  *    action of the batch — else 422 invalid_log, details `{id, reason: "rule_violation",
  *    code: "not_participant"}`. These are the statuses the replication endpoints give for the

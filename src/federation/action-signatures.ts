@@ -101,10 +101,24 @@ export async function verifyActionSignature(action: Action, resolveKey: KeyResol
 }
 
 /**
- * Decides whether `platform` may have originated `action` (a leader must not forge a remote
- * user's action). Returns null when it may, else a sentence saying why not.
+ * What {@link verifyLog} tells an {@link OriginCheck} about the conversation at an action.
  */
-export type OriginCheck = (action: Action, platform: string) => Promise<string | null> | string | null;
+export interface OriginContext {
+  /** The verified state just before the action (not to be modified). */
+  state: ConversationState;
+  /**
+   * The conversation's leader: the signer of action 1 when the log starts there, else
+   * `VerifyLogOptions.leader`; null when neither is known.
+   */
+  leader: string | null;
+}
+
+/**
+ * Decides whether `platform` may have originated `action` (a leader must not forge a remote
+ * user's action). Returns null when it may, else a sentence saying why not. `ctx` is given
+ * by {@link verifyLog}; pre-checks that have no state call it without.
+ */
+export type OriginCheck = (action: Action, platform: string, ctx?: OriginContext) => Promise<string | null> | string | null;
 
 /** Options of {@link verifyLog}. */
 export interface VerifyLogOptions {
@@ -116,6 +130,11 @@ export interface VerifyLogOptions {
   from?: ConversationState;
   /** Checks that the signer is the actor's platform (federation/runtime.ts actorOriginCheck); none by default. */
   origin?: OriginCheck;
+  /**
+   * The conversation's leader, for a batch continuing `from` (the platform recorded as its
+   * leader): given to `origin`. A log from action 1 needs none: action 1's signer leads.
+   */
+  leader?: string;
 }
 
 /** The outcome of {@link verifyLog}. */
@@ -150,6 +169,7 @@ export async function verifyLog(actions: Action[], resolveKey: KeyResolver, opts
   let lastId = state.header?.last_id ?? 0;
   let lastHash = state.header?.last_hash ?? null;
   const conv = state.header?.key ?? actions[0]?.conv;
+  let leader = opts.leader ?? null;
   const keyMemo = new Map<string, ReturnType<KeyResolver>>();
   const memoResolve: KeyResolver = (keyId) => {
     let p = keyMemo.get(keyId);
@@ -175,8 +195,9 @@ export async function verifyLog(actions: Action[], resolveKey: KeyResolver, opts
     if (a.prev !== lastHash) return fail('prev_mismatch', `action ${a.id}: prev is not the hash of action ${lastId}`);
     const sig = await verifyActionSignature(a, memoResolve);
     if (!sig.ok) return fail(sig.reason, sig.message);
+    if (a.id === 1) leader = sig.platform; // the creator's platform leads (docs/federation.md, "Roles")
     if (opts.origin) {
-      const why = await opts.origin(a, sig.platform);
+      const why = await opts.origin(a, sig.platform, { state, leader });
       if (why !== null) return fail('wrong_origin', `action ${a.id}: ${why}`);
     }
     try {

@@ -310,7 +310,7 @@ export async function acceptProposal(deps: Deps, peer: VerifiedPeer, key: string
         throw invalidLog(a.id, 'clock_skew', `action ${a.id}: ts ${a.ts} is more than ${CLOCK_SKEW_S} s from this platform's clock`);
     }
     const state = await loadState(tx, row, referencedMessages(proposed));
-    const check = await verifyReceivedLog(deps, proposed, { from: state });
+    const check = await verifyReceivedLog(deps, proposed, { from: state, leader: primaryDomain(deps) });
     if (!check.ok) throw invalidLog(check.id, check.reason, check.message, check.code);
     // Adding one of this platform's addresses needs a user behind it, as for a local append (400 unknown_local_address).
     const newUserIds = await resolveLocalUsers(tx, deps, proposed.filter((a) => a.act === 'participant:add').map((a) => a.participant!));

@@ -116,7 +116,7 @@ async function receiveInTx(tx: Tx, deps: Deps, leader: string, key: string, acti
   if (batch.length === 0) return { last_id: row.last_id, stored: [] };
   if (batch[0].id !== row.last_id + 1) throw gapError(row.last_id);
   const state = await loadState(tx, row, referencedMessages(batch));
-  const check = await verifyReceivedLog(deps, batch, { from: state });
+  const check = await verifyReceivedLog(deps, batch, { from: state, leader: row.leader });
   if (!check.ok) throw invalidLog(check.id, check.reason, check.message, check.code);
   const added = batch.filter((a) => a.act === 'participant:add').map((a) => a.participant!);
   const newUserIds = await localUserIds(tx, deps, added);

@@ -13,7 +13,8 @@ import { localKeyResolver } from './keys.ts';
 import { createRemoteKeyResolver } from './remote-keys.ts';
 import { isDomainAllowed } from './abuse.ts';
 import { pgReplayStore } from './replay.ts';
-import { type LogCheck, type OriginCheck, type VerifyLogOptions, verifyLog } from './action-signatures.ts';
+import { type LogCheck, type OriginCheck, type OriginContext, type VerifyLogOptions, verifyLog } from './action-signatures.ts';
+import type { ConversationState } from '../core/reducer.ts';
 
 /** What federation code of one platform process shares. */
 export interface FederationRuntime {
@@ -64,16 +65,47 @@ export function discoverPlatform(deps: Deps, domain: string) {
 
 const domainOf = (address: string) => address.slice(address.lastIndexOf('@') + 1).toLowerCase();
 
+/** Do the platform names `a` and `b` name the same platform (equal, or the same discovered base URL)? */
+async function sameRef(discovery: Discovery, a: string, b: string): Promise<boolean> {
+  if (a === b) return true;
+  const [ra, rb] = await Promise.all([discovery.discover(a).catch(() => null), discovery.discover(b).catch(() => null)]);
+  return !!ra && !!rb && ra.url === rb.url;
+}
+
 /**
- * The origin rule for actions: the signing platform must be the platform of the actor's
- * domain — the same name, or a domain whose discovered platform is the signer (same name in
- * its well-known document, or the same base URL as the signer). An actor whose domain has no
- * platform (an email participant) may be bridged by any platform for now; leader
- * sequencing will restrict that to the platform that received the email (docs/federation.md).
- * With `self`, an actor of one of this platform's own domains must have been signed by it.
+ * Is `platform` the platform of one of the conversation's **active** participants in `state`
+ * (a participant whose domain is its name, or whose discovered platform is it)?
+ */
+async function hasActiveUserOn(discovery: Discovery, state: ConversationState, platform: string): Promise<boolean> {
+  const domains = new Set<string>();
+  for (const p of state.participants.values()) if (p.removed_id === null) domains.add(domainOf(p.address));
+  if (domains.has(platform)) return true;
+  const signer = await discovery.discover(platform).catch(() => null);
+  for (const d of domains) {
+    const ref = await discovery.discover(d).catch(() => null);
+    if (ref && (ref.platform === platform || (signer && ref.url === signer.url))) return true;
+  }
+  return false;
+}
+
+/**
+ * The origin rule for actions (docs/federation.md, "Who may sign an action"): the signing
+ * platform must be the platform of the actor's domain — the same name, or a domain whose
+ * discovered platform is the signer (same name in its well-known document, or the same base
+ * URL as the signer). With `self`, an actor of one of this platform's own domains must have
+ * been signed by it.
+ *
+ * An actor whose domain has no platform (an **email participant**, issue 3 §8) acts only
+ * through the platform that received their email: the conversation's **leader** (`ctx.leader`:
+ * replies to the mail it sends, and conversations started by an email it received), or a
+ * platform with an **active participant** in the conversation just before the action (an
+ * email reaches a platform only through one of its users, and is threaded only into a
+ * conversation that user takes part in; that follower proposes it to the leader). Any other
+ * signer is refused. Without `ctx` (a pre-check with no state) an email participant's action
+ * is left to verifyLog's check.
  */
 export function actorOriginCheck(discovery: Discovery, self?: { platform: string; domains: readonly string[] }): OriginCheck {
-  return async (action: Action & ActionInput, platform: string) => {
+  return async (action: Action & ActionInput, platform: string, ctx?: OriginContext) => {
     const domain = domainOf(action.actor);
     if (domain === platform) return null;
     // Our own users act only through us.
@@ -85,7 +117,13 @@ export function actorOriginCheck(discovery: Discovery, self?: { platform: string
       if (e instanceof DiscoveryUnavailable) return `cannot tell which platform serves ${domain} now`;
       throw e;
     }
-    if (!actorRef) return null; // an email participant, bridged
+    if (!actorRef) {
+      // An email participant: bridged by the leader or by a platform with a user in the conversation.
+      if (!ctx) return null;
+      if (ctx.leader !== null && (await sameRef(discovery, ctx.leader, platform))) return null;
+      if (await hasActiveUserOn(discovery, ctx.state, platform)) return null;
+      return `${action.actor} is an email participant; only the leader${ctx.leader ? ` (${ctx.leader})` : ''} or a platform with a user in the conversation bridges their email, not ${platform}`;
+    }
     if (actorRef.platform === platform) return null;
     const signerRef = await discovery.discover(platform).catch(() => null);
     if (signerRef && signerRef.url === actorRef.url) return null;
@@ -93,7 +131,10 @@ export function actorOriginCheck(discovery: Discovery, self?: { platform: string
   };
 }
 
-/** {@link verifyLog} with this platform's key resolver and the actor origin rule. */
+/**
+ * {@link verifyLog} with this platform's key resolver and the actor origin rule. Give
+ * `leader` (the conversation's recorded leader) with `from`, for the email participant rule.
+ */
 export function verifyReceivedLog(deps: Deps, actions: Action[], opts: Omit<VerifyLogOptions, 'origin'> = {}): Promise<LogCheck> {
   const fed = federationOf(deps);
   return verifyLog(actions, fed.resolveKey, {

@@ -131,6 +131,8 @@ describe('a misbehaving peer against a real platform', () => {
   const me = identity(PEER);
   const impostor = identity(PEER); // same platform name and keyid form, a key the peer never published
   const impostorSameKeyId = { keyId: me.keyId, privateKey: impostor.privateKey };
+  // Another platform, neither leading the peer's conversation nor (at first) with a user in it; its keys are served under /third.
+  const third = identity('third.test');
   let server: Server;
   let peerUrl: string;
   let tp: TestPlatform;
@@ -148,12 +150,13 @@ describe('a misbehaving peer against a real platform', () => {
 
   before(async () => {
     server = createServer((req, res) => {
-      if (req.url === '/.well-known/parley/keys') {
+      if (req.url === '/.well-known/parley/keys' || req.url === '/third/.well-known/parley/keys') {
+        const who = req.url === '/.well-known/parley/keys' ? me : third;
         res.setHeader('content-type', 'application/json');
         res.end(
           JSON.stringify({
-            platform: PEER,
-            keys: [{ key_id: me.keyId, alg: 'ed25519', public_key: me.publicKey, created_at: new Date(Date.now() - 86400_000).toISOString(), not_after: new Date(Date.now() + 86400_000).toISOString(), active: true }],
+            platform: who.platform,
+            keys: [{ key_id: who.keyId, alg: 'ed25519', public_key: who.publicKey, created_at: new Date(Date.now() - 86400_000).toISOString(), not_after: new Date(Date.now() + 86400_000).toISOString(), active: true }],
           }),
         );
         return;
@@ -176,7 +179,7 @@ describe('a misbehaving peer against a real platform', () => {
     });
     await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
     peerUrl = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
-    tp = await startTestPlatform({ federationRoutes: { [PEER]: peerUrl } }, ['web']);
+    tp = await startTestPlatform({ federationRoutes: { [PEER]: peerUrl, 'third.test': `${peerUrl}/third` } }, ['web']);
     alice = await tp.user('alice@alpha.test');
   });
   after(async () => {
@@ -362,6 +365,35 @@ describe('a misbehaving peer against a real platform', () => {
     // In order, the same actions are taken: the refusals were about the faults, not the actions.
     const ok = await push([a6, a7, a8]);
     assert.equal(ok.status, 200, ok.text);
+    log.push(a6, a7, a8);
     assert.deepEqual(await stored(), { last_id: 8, ids: [1, 2, 3, 4, 5, 6, 7, 8] });
+  });
+
+  it('an email participant’s action signed by a platform that neither leads nor has a user in the conversation: 422 invalid_log (wrong_origin); nothing stored', async () => {
+    const t = new Date().toISOString();
+    const zoe = 'zoe@nowhere.test'; // nowhere.test has no platform: an email participant
+    // The leader adds zoe and bridges her email reply: taken.
+    const bridged = chain(conv, head(), t, me, [
+      { act: 'participant:add', actor: creator, participant: zoe, perms: 'write' },
+      { act: 'message:add', actor: zoe, body: 'by email, bridged by the leader' },
+    ]);
+    const r = await push(bridged);
+    assert.equal(r.status, 200, r.text);
+    log.push(...bridged);
+    const before = await stored();
+    assert.equal(before?.last_id, 10);
+    // The same kind of action signed, validly, by third.test: refused, nothing stored.
+    const foreign = chain(conv, head(), t, third, [{ act: 'message:add', actor: zoe, body: 'by email, bridged by a stranger' }]);
+    const refused = await push(foreign);
+    expectRefused(refused, 422, 'invalid_log', 'wrong_origin');
+    assert.equal(refused.body.error.details.id, 11, refused.text);
+    assert.deepEqual(await stored(), before);
+    // Once a user of third.test takes part, third.test may bridge her email (an email reply
+    // received by a follower, proposed to the leader and signed by the follower).
+    const [addTia] = chain(conv, head(), t, me, [{ act: 'participant:add', actor: creator, participant: 'tia@third.test', perms: 'write' }]);
+    const viaFollower = chain(conv, { id: addTia.id, hash: addTia.hash }, t, third, [{ act: 'message:add', actor: zoe, body: 'by email, bridged by a follower' }]);
+    const taken = await push([addTia, ...viaFollower]);
+    assert.equal(taken.status, 200, taken.text);
+    assert.equal((await stored())?.last_id, 12);
   });
 });
