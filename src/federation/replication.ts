@@ -282,10 +282,14 @@ export async function joinFromLeader(deps: Deps, leader: string, key: string): P
 class JoinedMeanwhile extends Error {}
 
 /**
- * Stores actions received from the leader, joining (whole log) or backfilling first when
- * they do not continue the local log.
+ * Stores actions received from the leader in the answer to a proposal (its actions, or the
+ * ones the proposer missed, with `stale_head`), joining (whole log) or backfilling first when
+ * they do not continue the local log. The files they name are fetched first (from the leader,
+ * else their signer), as for a push: another follower's message with files must not arrive
+ * here without its blobs.
  */
 export async function receiveOrCatchUp(deps: Deps, leader: string, key: string, actions: Action[]): Promise<Received> {
+  await fetchMissingBlobs(deps, { platform: leader }, actions);
   try {
     return await receiveActions(deps, leader, key, actions);
   } catch (e) {

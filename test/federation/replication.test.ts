@@ -1,5 +1,6 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
+import { createHash, randomBytes } from 'node:crypto';
 import { type Federation, type FedPlatform, logOf, startFederation, waitUntil } from '../support/federation.ts';
 import type { ApiClient } from '../support/platform.ts';
 
@@ -37,6 +38,13 @@ describe('replication between platforms (real processes)', () => {
     }
     return last;
   };
+  const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+  /** Uploads `bytes` as `u` on their own platform (POST /api/attachments); returns the `files` entry naming it. */
+  const attach = async (u: ApiClient, bytes: Buffer, name: string) => {
+    const up = ok(await u.call('POST', '/api/attachments', bytes, { 'content-type': 'application/octet-stream' }), 201);
+    assert.equal(up.sha256, sha(bytes));
+    return { sha256: up.sha256 as string, name, content_type: 'application/octet-stream', size: bytes.length };
+  };
   /** Waits until `p` holds exactly `expected` (ids and hashes) for `key`. */
   const converged = (p: FedPlatform, key: string, expected: [number, string][], timeoutMs = 30_000) =>
     waitUntil(
@@ -55,7 +63,7 @@ describe('replication between platforms (real processes)', () => {
     return logOf(A, key);
   };
 
-  it('Done means 1: a conversation created on A with participants on B and C ends identical on all three after messages, edits, subject, participants', async () => {
+  it('Done means 1: a conversation created on A with participants on B and C ends identical on all three after messages, edits, subject, participants, files', async () => {
     const alice = await A.user('alice@alpha.test');
     const bob = await B.user('bob@beta.test');
     const carol = await C.user('carol@gamma.test');
@@ -85,15 +93,27 @@ describe('replication between platforms (real processes)', () => {
     const bobMsg: number = fromBob.actions[0].id;
     assert.equal(fromBob.actions[0].actor, 'bob@beta.test');
     assert.ok(fromBob.actions[0].sig.startsWith('beta.test#'), 'signed by beta.test');
-    // carol on C replies to it.
+    // carol on C replies to it, once C has it (pushed A → C).
+    await waitUntil('C to hold bob’s message', async () => (await logOf(C, key)).some(([id]) => id === bobMsg));
     const fromCarol = ok(await carol.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:add', body: 'hello from C', parent: bobMsg }] }));
     // bob sees carol's message on his websocket (replicated A → B, effects on B).
     await bobWs.waitFor((f) => f.type === 'event' && f.kind === 'action' && f.conv === key && f.action?.id === fromCarol.actions[0].id && f.action.actor === 'carol@gamma.test', 15_000);
     bobWs.close();
 
+    // Files: bob and carol each upload one on their own platform and attach it to a message.
+    const bytesB = randomBytes(50_000);
+    const bytesC = randomBytes(120_000);
+    const fileB = await attach(bob, bytesB, 'from-beta.bin');
+    const fileC = await attach(carol, bytesC, 'from-gamma.bin');
+    const withB = ok(await bob.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:add', body: 'a file from B', files: [fileB] }] })).actions[0];
+    const withC = ok(await carol.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:add', body: 'a file from C', files: [fileC] }] })).actions[0];
+    assert.deepEqual(withC.files.map((f: any) => f.sha256), [fileC.sha256]);
+
     // bob edits his message: lock, modify, release (each follows the head of the message).
     const lock = ok(await bob.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:lock', follows: bobMsg }] })).actions[0];
-    // While bob holds the lock, carol's edit is refused by the same rules (on C, before anything reaches A).
+    // While bob holds the lock, carol's edit is refused by the same rules (on C, before anything
+    // reaches A) — once C has the lock: until then C does not know the action her edit follows.
+    await waitUntil('C to hold bob’s lock', async () => (await logOf(C, key)).some(([id]) => id === lock.id));
     const refused = await carol.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:modify', follows: lock.id, body: 'carol was here' }] });
     assert.equal(refused.status, 409, JSON.stringify(refused.body));
     const mod = ok(await bob.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:modify', follows: lock.id, body: 'hello from B, edited' }] })).actions[0];
@@ -115,7 +135,6 @@ describe('replication between platforms (real processes)', () => {
     ok(await dave.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:add', body: 'dave joined from B' }] }));
     await waitUntil('erin to see the conversation on C', async () => (await erin.get(`/api/conversations/${key}`)).status === 200);
     const last = ok(await erin.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:add', body: 'erin joined from C' }] })).actions[0];
-    // TODO(attachments, issue 3 §7): a message with files, once blobs cross platforms (src/federation/blobs.ts).
 
     const expected = await leaderLog(key, last.id);
     assert.equal(expected.length, last.id);
@@ -126,11 +145,21 @@ describe('replication between platforms (real processes)', () => {
     for (const s of states.slice(1)) {
       assert.equal(s.last_hash, states[0].last_hash);
       assert.equal(s.subject, 'Across three platforms (renamed on C)');
-      assert.deepEqual(s.messages.map((m: any) => [m.id, m.body, m.author]), states[0].messages.map((m: any) => [m.id, m.body, m.author]));
+      const shape = (m: any) => [m.id, m.body, m.author, (m.files ?? []).map((f: any) => f.sha256)];
+      assert.deepEqual(s.messages.map(shape), states[0].messages.map(shape));
       const byAddress = (l: any[]) => [...l].sort((x, y) => x.address.localeCompare(y.address));
       assert.deepEqual(byAddress(s.participants), byAddress(states[0].participants));
     }
     assert.equal(states[0].messages.find((m: any) => m.id === bobMsg).body, 'hello from B, edited');
+    assert.deepEqual(states[0].messages.find((m: any) => m.id === withB.id).files.map((f: any) => f.sha256), [sha(bytesB)]);
+    // Every platform serves both files to its own participants (none of them uploaded either):
+    // alice on A, dave on B, erin on C — the bytes as uploaded.
+    for (const u of [alice, dave, erin])
+      for (const [file, bytes] of [[fileB, bytesB], [fileC, bytesC]] as const) {
+        const r = await fetch(`${u.base}/api/attachments/${file.sha256}`, { headers: { authorization: `Bearer ${u.token}` } });
+        assert.equal(r.status, 200, `${u.address} gets ${file.name}: ${r.status}`);
+        assert.ok(Buffer.from(await r.arrayBuffer()).equals(bytes), `${u.address} gets the bytes of ${file.name}`);
+      }
     // carol was removed: she keeps the conversation up to her removal.
     const carolView = ok(await carol.get(`/api/conversations/${key}`));
     assert.equal(carolView.removed_id, removal.id);
