@@ -4,7 +4,8 @@
  * `webhook` plugin against a local HTTP receiver that answers 200 at once (a fast fake
  * provider: the figures are the engine's, not a provider's).
  *
- * - `delivery_per_s`: 2 workers, started and idle; N deliveries are enqueued with the
+ * - `delivery_per_s`: 2 workers, started and idle; after a warm-up of WARMUP deliveries
+ *   sent the same way and awaited (not measured), N deliveries are enqueued with the
  *   engine's `enqueueDelivery` inside ONE transaction, so none is due before its commit and
  *   enqueueing is not measured; the clock runs from that commit to the last `sent_at`.
  * - `delivery_queue_p99_ms` (and p50, max): the same 2 workers, not saturated: deliveries
@@ -16,7 +17,7 @@
  *   `INSERT … SELECT generate_series`, not through the API), working through them: the
  *   largest VmRSS (/proc/<pid>/status) sampled over BACKLOG_WINDOW_S, and its VmHWM.
  *
- * Environment: BENCH_DELIVERY_N (default 20000), BENCH_DELIVERY_QUEUE_RATE (50/s),
+ * Environment: BENCH_DELIVERY_N (default 20000), BENCH_DELIVERY_WARMUP (5000), BENCH_DELIVERY_QUEUE_RATE (50/s),
  * BENCH_DELIVERY_QUEUE_S (20), BENCH_DELIVERY_BACKLOG (100000), BENCH_DELIVERY_BACKLOG_S (60);
  * BENCH_DELIVERY_ONLY=rate,queue,backlog runs a subset (profiling);
  * BENCH_WORKER_NODE_ARGS adds node flags to the workers (e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof");
@@ -216,12 +217,12 @@ async function untilSent(deps: Deps, after: number, total: number, limitMs: numb
 }
 
 /** delivery_per_s: `n` deliveries made due at one commit, while `workers` are up and idle. */
-async function measureRate(deps: Deps, db: BenchDatabase, workers: WorkerProcess[], orgId: number, n: number): Promise<Partial<DeliveryFigures>> {
-  progress(`delivery: enqueueing ${n} deliveries in one transaction`);
+async function measureRate(deps: Deps, db: BenchDatabase, workers: WorkerProcess[], orgId: number, n: number, tag = 't'): Promise<Partial<DeliveryFigures>> {
+  progress(`delivery: ${tag === 'w' ? 'warm-up: ' : ''}enqueueing ${n} deliveries in one transaction`);
   const before = await maxDeliveryId(deps);
   await deps.db.kysely.transaction().execute(async (tx) => {
     for (let i = 0; i < n; i++) {
-      await enqueueDelivery(tx, deps, { chain: ['webhook'], destinations: { webhook: `contact-${i}` }, payload: { text: `Benchmark message ${i}` }, idempotencyKey: `t:${i}`, orgId });
+      await enqueueDelivery(tx, deps, { chain: ['webhook'], destinations: { webhook: `contact-${i}` }, payload: { text: `Benchmark message ${i}` }, idempotencyKey: `${tag}:${i}`, orgId });
     }
   });
   const pgss = process.env.BENCH_DELIVERY_PGSS === '1';
@@ -352,7 +353,13 @@ export async function benchDelivery(database?: BenchDatabase): Promise<Record<st
     if (only.includes('rate') || only.includes('queue')) {
       progress('delivery: starting 2 workers');
       workers.push(...(await Promise.all([startWorkerProcess(url, data.dir, 'worker-1'), startWorkerProcess(url, data.dir, 'worker-2')])));
-      if (only.includes('rate')) Object.assign(out, await measureRate(deps, db, workers, orgId, env('BENCH_DELIVERY_N', 20_000)));
+      if (only.includes('rate')) {
+        // Warm-up (not measured), as the other benchmarks do: the workers' code paths, their
+        // connections and plans, and PostgreSQL's buffers and WAL segments.
+        const warm = env('BENCH_DELIVERY_WARMUP', 5_000);
+        if (warm > 0) await measureRate(deps, db, workers, orgId, warm, 'w');
+        Object.assign(out, await measureRate(deps, db, workers, orgId, env('BENCH_DELIVERY_N', 20_000)));
+      }
       if (only.includes('queue')) Object.assign(out, await measureQueue(deps, orgId, env('BENCH_DELIVERY_QUEUE_RATE', 50), env('BENCH_DELIVERY_QUEUE_S', 20)));
       await Promise.all(workers.splice(0).map((w) => w.stop()));
     }
