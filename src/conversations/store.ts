@@ -10,7 +10,7 @@ import {
 } from '../core/reducer.ts';
 import type { Queryable, Tx } from '../store/db.ts';
 import { type RowWriter, writeRows } from '../store/group-commit.ts';
-import type { ConversationsTable, ParticipantsTable } from '../store/schema.ts';
+import type { AttachmentsTable, ConversationsTable, ParticipantsTable } from '../store/schema.ts';
 import type { Selectable } from 'kysely';
 
 /**
@@ -262,17 +262,7 @@ const messagesWriter: RowWriter<MessageRow> = {
 };
 
 /** A row of `attachments`: one file of a message, in some version of it (migration 031). */
-interface AttachmentRow {
-  conv_id: number;
-  message_id: number;
-  ordinal: number;
-  sha256: string;
-  name: string;
-  content_type: string;
-  size: number;
-  content_id: string | null;
-  inline: boolean;
-}
+type AttachmentRow = AttachmentsTable;
 
 const attachmentsWriter: RowWriter<AttachmentRow> = {
   name: 'insert attachments',
@@ -315,26 +305,14 @@ const participantsWriter: RowWriter<ParticipantRow> = {
 };
 
 /** The header columns of `conversations` after a batch, and whether its search header changes. */
-interface ConversationUpdate {
+type ConversationUpdate = Omit<ConversationHeader, 'created_at' | 'subject_lock'> & {
   id: number;
-  key: string;
-  creator: string;
-  published: boolean;
-  published_at: string | null;
-  subject: string;
-  subject_head: number;
   subject_lock_by: string | null;
   subject_lock_at: string | null;
   subject_lock_id: number | null;
-  expiry: string | null;
-  expiry_head: number;
-  last_id: number;
-  last_hash: string | null;
-  last_ts: string | null;
-  message_count: number;
   /** Every participant's address when the search header must be rebuilt, else null. */
   search_addresses: string[] | null;
-}
+};
 
 const conversationsWriter: RowWriter<ConversationUpdate> = {
   name: 'update conversations',
@@ -443,24 +421,14 @@ export async function persistState(
     })),
   );
   const searchChanged = parts.length > 0 || actions.some((a) => a.act === 'subject:modify' || a.act === 'conv:create');
+  const { created_at: _created, subject_lock: lock, ...header } = h;
   await writeRows(tx, conversationsWriter, [
     {
       id: convId,
-      key: h.key,
-      creator: h.creator,
-      published: h.published,
-      published_at: h.published_at,
-      subject: h.subject,
-      subject_head: h.subject_head,
-      subject_lock_by: h.subject_lock?.by ?? null,
-      subject_lock_at: h.subject_lock?.at ?? null,
-      subject_lock_id: h.subject_lock?.id ?? null,
-      expiry: h.expiry,
-      expiry_head: h.expiry_head,
-      last_id: h.last_id,
-      last_hash: h.last_hash,
-      last_ts: h.last_ts,
-      message_count: h.message_count,
+      ...header,
+      subject_lock_by: lock?.by ?? null,
+      subject_lock_at: lock?.at ?? null,
+      subject_lock_id: lock?.id ?? null,
       search_addresses: searchChanged ? [...s.participants.keys()] : null,
     },
   ]);
