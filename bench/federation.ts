@@ -13,8 +13,12 @@
  *   participant on B (100 per request), B is started again: `catchup_10k_s` is B's start
  *   (spawn) → B's copy of the conversation has A's last action, read from B's database.
  */
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
+import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
+import { tmpdir } from 'node:os';
+// @ts-expect-error — a plain ES module without types (scripts/cli-bundle.mjs)
+import { bundleIsCurrent } from '../scripts/cli-bundle.mjs';
 import pg from 'pg';
 import WebSocket from 'ws';
 import { createUser } from '../src/accounts/users.ts';
@@ -62,6 +66,17 @@ export interface FederationFigures {
   /** CPU of A's and B's processes per replicated action during the live run, ms. */
   federation_a_cpu_ms_per_action: number;
   federation_b_cpu_ms_per_action: number;
+  /** Instructions (user space, `perf stat -e instructions`) of A's and B's processes per replicated action during the live run, millions; NaN without perf. */
+  federation_a_minstr_per_action: number;
+  federation_b_minstr_per_action: number;
+  /** CPU of A's and B's processes per action during the catch-up (B's start excluded), ms. */
+  catchup_a_cpu_ms_per_action: number;
+  catchup_b_cpu_ms_per_action: number;
+  /** Instructions of A's and B's processes per action during the catch-up, millions; NaN without perf. */
+  catchup_a_minstr_per_action: number;
+  catchup_b_minstr_per_action: number;
+  /** 1 when the platforms ran the CLI bundle (dist/parley.mjs, built as `npm install` does), 0 when the sources through tsx. */
+  federation_platforms_bundled: number;
   /** B started (spawn) → B holds all 10,000 actions appended while it was down, s. */
   catchup_10k_s: number;
   /** The same, from B's HTTP port answering (without B's own start-up), s. */
@@ -159,6 +174,38 @@ async function createMemberUsers(m: Member, addresses: string[]): Promise<void> 
   }
 }
 
+/**
+ * Counts the user-space instructions of process `pid` with `perf stat -e instructions` until
+ * `stop()` (SIGINT), which resolves with the count (NaN when perf is missing or not allowed).
+ */
+function countInstructions(pid: number): { stop(): Promise<number> } {
+  const out = join(tmpdir(), `parley-perf-${pid}-${Date.now()}.csv`);
+  let child: ReturnType<typeof spawn> | null = null;
+  try {
+    child = spawn('perf', ['stat', '-x,', '-e', 'instructions', '-o', out, '-p', String(pid)], { stdio: 'ignore' });
+    child.on('error', () => (child = null));
+  } catch {
+    child = null;
+  }
+  return {
+    async stop() {
+      if (!child || child.exitCode !== null) return NaN;
+      const exited = new Promise((r) => child!.once('exit', r));
+      child.kill('SIGINT');
+      await exited;
+      try {
+        const line = readFileSync(out, 'utf8').split('\n').find((l) => l.includes('instructions'));
+        const n = Number(line?.split(',')[0]);
+        return Number.isFinite(n) ? n : NaN;
+      } catch {
+        return NaN;
+      } finally {
+        rmSync(out, { force: true });
+      }
+    },
+  };
+}
+
 /** Polls `fn` every `everyMs` until it is true; throws `what` after `timeoutMs`. */
 async function until(fn: () => Promise<boolean>, what: string, timeoutMs = 60_000, everyMs = 20): Promise<void> {
   const deadline = performance.now() + timeoutMs;
@@ -202,6 +249,9 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
     members.push({ domain, databaseUrl: await database.createDatabase(domain.split('.')[0]), dataDir: dir.dir, port, base: `http://127.0.0.1:${port}`, proc: null });
   }
   const [A, B, C] = members;
+  // The platforms as installed: `npm install` builds the CLI bundle (the `prepare` script).
+  execFileSync(process.execPath, [join(ROOT, 'scripts', 'build-cli.mjs')], { stdio: ['ignore', 'ignore', 'inherit'] });
+  const bundled: boolean = bundleIsCurrent();
   const routes = members.map((m) => `${m.domain}=${m.base}`).join(',');
   const dbB = new pg.Client({ connectionString: B.databaseUrl });
   const clients: JsonClient[] = [];
@@ -213,7 +263,7 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
     await createMemberUsers(A, [...writers, `catchup@${A.domain}`]);
     await createMemberUsers(B, [...readers, `late@${B.domain}`]);
     await createMemberUsers(C, thirds);
-    progress(`federation: starting ${DOMAINS.join(', ')} (web,worker) on ${members.map((m) => m.port).join(', ')}`);
+    progress(`federation: starting ${DOMAINS.join(', ')} (web,worker, ${bundled ? 'bundle' : 'sources through tsx'}) on ${members.map((m) => m.port).join(', ')}`);
     await Promise.all(members.map((m) => startMember(m, routes)));
     await dbB.connect();
     const lastIdOnB = async (key: string) => {
@@ -260,9 +310,19 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
       sentAt.delete(tag!);
     };
     sockets.push(...(await Promise.all(readerClients.map((c) => openSocket(B.base, c.token!, onFrame)))));
+    // BENCH_FEDERATION_STATEMENTS=1 (with PARLEY_PG_SETTINGS="shared_preload_libraries=pg_stat_statements"):
+    // prints the statements A's and B's databases ran during the live run, most frequent first.
+    const statements = process.env.BENCH_FEDERATION_STATEMENTS === '1' ? new pg.Client({ connectionString: A.databaseUrl }) : null;
+    if (statements) {
+      await statements.connect();
+      await statements.query('create extension if not exists pg_stat_statements');
+      await statements.query('select pg_stat_statements_reset()');
+    }
     progress(`federation: ${WRITERS} writers on A × ${perWriter} actions, as fast as answered; readers on B's websockets`);
     const cpuA0 = processCpuMs(A.proc!.pid);
     const cpuB0 = processCpuMs(B.proc!.pid);
+    const perfA = countInstructions(A.proc!.pid);
+    const perfB = countInstructions(B.proc!.pid);
     const t0 = performance.now();
     await Promise.all(
       writerClients.map(async (w, c) => {
@@ -282,6 +342,15 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
     const replicated = total - sentAt.size;
     const cpuA = processCpuMs(A.proc!.pid) - cpuA0;
     const cpuB = processCpuMs(B.proc!.pid) - cpuB0;
+    const [instrA, instrB] = await Promise.all([perfA.stop(), perfB.stop()]);
+    if (statements) {
+      const r = await statements.query(
+        `select d.datname, s.calls, round(s.total_exec_time::numeric, 1) as ms, left(regexp_replace(s.query, '\\s+', ' ', 'g'), 140) as query
+           from pg_stat_statements s join pg_database d on d.oid = s.dbid order by s.calls desc limit 60`,
+      );
+      for (const x of r.rows) process.stderr.write(`  [statements] ${x.datname} ${x.calls} ${x.ms} ms ${x.query}\n`);
+      await statements.end();
+    }
     latencies.sort((a, b) => a - b);
     const afterResponse = [...frameAt.entries()].map(([tag, at]) => at - answeredAt.get(tag)!).sort((a, b) => a - b);
     const live = {
@@ -295,10 +364,13 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
       federation_missing: sentAt.size,
       federation_a_cpu_ms_per_action: round(cpuA / Math.max(1, replicated), 3),
       federation_b_cpu_ms_per_action: round(cpuB / Math.max(1, replicated), 3),
+      federation_a_minstr_per_action: round(instrA / 1e6 / Math.max(1, replicated), 3),
+      federation_b_minstr_per_action: round(instrB / 1e6 / Math.max(1, replicated), 3),
     };
     progress(
       `federation: ${replicated}/${total} actions on B in ${round((lastFrame - t0) / 1000, 2)} s (appends took ${round((sendDone - t0) / 1000, 2)} s): ` +
-        `${live.federation_actions_per_s}/s, p50 ${live.federation_p50_ms} ms, p99 ${live.federation_p99_ms} ms (after A's answer: p50 ${live.federation_after_response_p50_ms}, p99 ${live.federation_after_response_p99_ms} ms); CPU/action A ${live.federation_a_cpu_ms_per_action} ms, B ${live.federation_b_cpu_ms_per_action} ms`,
+        `${live.federation_actions_per_s}/s, p50 ${live.federation_p50_ms} ms, p99 ${live.federation_p99_ms} ms (after A's answer: p50 ${live.federation_after_response_p50_ms}, p99 ${live.federation_after_response_p99_ms} ms); CPU/action A ${live.federation_a_cpu_ms_per_action} ms, B ${live.federation_b_cpu_ms_per_action} ms; ` +
+        `instructions/action A ${live.federation_a_minstr_per_action} M, B ${live.federation_b_minstr_per_action} M`,
     );
     for (const s of sockets.splice(0)) s.close();
 
@@ -323,6 +395,10 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
     const s0 = performance.now();
     await startMember(B, routes);
     const listening = performance.now();
+    const cpuCA0 = processCpuMs(A.proc!.pid);
+    const cpuCB0 = processCpuMs(B.proc!.pid);
+    const perfCA = countInstructions(A.proc!.pid);
+    const perfCB = countInstructions(B.proc!.pid);
     let firstMoved = 0;
     await until(
       async () => {
@@ -335,14 +411,24 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
       10,
     );
     const done = performance.now();
+    const moved = Math.max(1, last - before);
+    const cpuCA = processCpuMs(A.proc!.pid) - cpuCA0;
+    const cpuCB = processCpuMs(B.proc!.pid) - cpuCB0;
+    const [instrCA, instrCB] = await Promise.all([perfCA.stop(), perfCB.stop()]);
     const figures: FederationFigures = {
       ...live,
+      catchup_a_cpu_ms_per_action: round(cpuCA / moved, 3),
+      catchup_b_cpu_ms_per_action: round(cpuCB / moved, 3),
+      catchup_a_minstr_per_action: round(instrCA / 1e6 / moved, 3),
+      catchup_b_minstr_per_action: round(instrCB / 1e6 / moved, 3),
+      federation_platforms_bundled: bundled ? 1 : 0,
       catchup_10k_s: round((done - s0) / 1000, 2),
       catchup_10k_after_listen_s: round((done - listening) / 1000, 2),
       catchup_10k_transfer_s: round((done - firstMoved) / 1000, 2),
     };
     progress(
-      `federation: B caught up ${last - before} actions in ${figures.catchup_10k_s} s from its start (${figures.catchup_10k_after_listen_s} s after listening, ${figures.catchup_10k_transfer_s} s from the first to the last)`,
+      `federation: B caught up ${last - before} actions in ${figures.catchup_10k_s} s from its start (${figures.catchup_10k_after_listen_s} s after listening, ${figures.catchup_10k_transfer_s} s from the first to the last); ` +
+        `CPU/action A ${figures.catchup_a_cpu_ms_per_action} ms, B ${figures.catchup_b_cpu_ms_per_action} ms; instructions/action A ${figures.catchup_a_minstr_per_action} M, B ${figures.catchup_b_minstr_per_action} M`,
     );
     return figures;
   } finally {

@@ -11,7 +11,8 @@
  *   that removal: the platform gets the removal and nothing after; adding one of its users
  *   again clears it (the platform then receives everything from where it stopped, since a
  *   replica needs an unbroken hash chain);
- * - the pusher is woken after commit (NOTIFY {@link FEDERATION_CHANNEL}).
+ * - the pusher is woken after commit (NOTIFY {@link FEDERATION_CHANNEL}, payload: the
+ *   conversation's id, or empty when a link was made, reopened or stopped).
  */
 import { sql } from 'kysely';
 import type { Action } from '../core/actions.ts';
@@ -23,7 +24,11 @@ import { bridgingEmail } from '../mail/outbound/enqueue.ts';
 import { DiscoveryUnavailable } from './discovery.ts';
 import { discoverPlatform } from './runtime.ts';
 
-/** The realtime channel that wakes the federation worker (payload unused). */
+/**
+ * The realtime channel that wakes the federation worker. Payload: the id of the conversation
+ * whose actions were appended, or empty for "claim due links" (a link made or changed, a
+ * platform back after an outage).
+ */
 export const FEDERATION_CHANNEL = 'parley_federation';
 
 const domainOf = (address: string) => address.slice(address.lastIndexOf('@') + 1).toLowerCase();
@@ -125,8 +130,11 @@ export async function trackReplication(tx: Tx, deps: Deps, convId: number, s: Co
       select ${convId}, p from unnest(${reopen}::text[]) as t(p)
       on conflict (conv_id, platform) do update set stop_id = null, next_attempt_at = now(), attempts = 0, updated_at = now()`.execute(tx);
   }
-  // Wake the pusher when some participant is not ours (an email-only conversation costs it one query).
-  if ([...s.participants.keys()].some((a) => !isLocalAddress(deps, a))) await notifyAfterCommit(tx, FEDERATION_CHANNEL, '');
+  // Wake the pusher when some participant is not ours (an email-only conversation costs it one
+  // query). The payload names the conversation, so a pusher already sending its links leaves it
+  // to them; a link made or reopened here must be claimed: the payload is then empty.
+  if ([...s.participants.keys()].some((a) => !isLocalAddress(deps, a)))
+    await notifyAfterCommit(tx, FEDERATION_CHANNEL, reopen.length > 0 || changed.size > 0 ? '' : String(convId));
 }
 
 /** address → platform of a conversation's remote participants. */

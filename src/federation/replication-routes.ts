@@ -4,6 +4,7 @@
  * with `verifiedJson` after verification.
  *
  * - `POST /conversations/{key}/actions` — push: the leader sends consecutive actions;
+ * - `POST /push` — the same for several conversations at once, answered per conversation;
  * - `GET  /conversations/{key}/actions?since=N&limit=M` — backfill from the leader;
  * - `GET  /conversations/{key}/log?since=N&limit=M` — the same, for a platform joining;
  * - `POST /conversations/{key}/proposals` — a follower proposes its users' actions.
@@ -11,12 +12,13 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { sql } from 'kysely';
 import { type Deps, primaryDomain } from '../context.ts';
-import { conflict, forbidden, notFound } from '../platform/errors.ts';
+import { conflict, forbidden, notFound, tooLarge } from '../platform/errors.ts';
 import { findConversation, readActions } from '../conversations/store.ts';
 import { checkPeerBatch, fetchMissingBlobs, MAX_PUSH_ACTIONS } from './hooks.ts';
+import { checkPeerAllowed } from './abuse.ts';
 import { FEDERATION_CHANNEL, samePlatform } from './outbox.ts';
 import { acceptProposal } from './proposals.ts';
-import { batchOf, joinFromLeader, receiveActions, UnknownConversation } from './replication.ts';
+import { batchOf, pushEntriesOf, receivePushed, receivePushEntries } from './replication.ts';
 import { verifiedJson } from './routes.ts';
 
 const err = { $ref: 'Error#' };
@@ -26,6 +28,13 @@ const rejections = { 401: { ...err, description: 'The request signature was refu
 const BatchBody = { description: '`{"actions": [<action>, …]}`: 1 to 500 consecutive actions in wire form (docs/federation.md, "Actions on the wire").' };
 
 const bodySize = (req: FastifyRequest) => (Buffer.isBuffer(req.body) ? req.body.length : 0);
+
+/** The request-level abuse checks of a multi-conversation push: allow/deny lists and the body size. */
+async function checkBodyOnce(deps: Deps, peer: { platform: string }, bytes: number): Promise<void> {
+  checkPeerAllowed(deps, peer.platform);
+  const maxBody = deps.config.federationMaxBodyBytes ?? 10 * 1024 * 1024;
+  if (bytes > maxBody) throw tooLarge(`the body is larger than ${maxBody} bytes`, { max_bytes: maxBody });
+}
 
 /** Registers the replication routes in the federation scope (src/federation/routes.ts). */
 export async function replicationRoutes(scope: FastifyInstance, deps: Deps, auth: (req: FastifyRequest) => Promise<void>): Promise<void> {
@@ -42,19 +51,56 @@ export async function replicationRoutes(scope: FastifyInstance, deps: Deps, auth
       response: { 200: { type: 'object', properties: { last_id: { type: 'integer' } }, required: ['last_id'] }, 400: err, 403: err, 404: err, 409: err, 413: err, 422: err, ...rejections },
     },
   }, async (req) => {
-    const peer = req.peer!;
     const key = (req.params as { key: string }).key;
-    const actions = batchOf(verifiedJson(req));
-    await checkPeerBatch(deps, peer, { kind: 'push', key, actions, bytes: bodySize(req) });
-    await fetchMissingBlobs(deps, peer, actions);
-    try {
-      return { last_id: (await receiveActions(deps, peer.platform, key, actions)).last_id };
-    } catch (e) {
-      if (!(e instanceof UnknownConversation)) throw e;
-      // Never seen here (a participant added later, a missed publish): fetch the whole log and join.
-      await joinFromLeader(deps, peer.platform, key);
-      return { last_id: (await receiveActions(deps, peer.platform, key, actions)).last_id };
-    }
+    return { last_id: await receivePushed(deps, req.peer!, key, batchOf(verifiedJson(req)), bodySize(req)) };
+  });
+
+  scope.post('/push', {
+    preHandler: auth,
+    schema: {
+      tags: ['federation'],
+      summary: 'Multi-conversation push: the leader sends a replica the pending actions of several conversations in one request; answers each',
+      description:
+        '`{"conversations": [{"key", "actions": [<action>, …]}, …]}`: 1 to 100 conversations, each given once, at most 500 actions in all; ' +
+        'each entry is taken exactly as `POST /conversations/{key}/actions` would take it. 200 `{"results": [{"key", "status", "last_id"} | {"key", "status", "error"}]}` ' +
+        'in request order, once every stored entry is committed — an entry refused stores nothing and does not affect the others. ' +
+        '400 `invalid_request` / 413 `batch_too_large` for the envelope (nothing stored).',
+      response: {
+        200: {
+          type: 'object',
+          required: ['results'],
+          properties: {
+            results: {
+              type: 'array',
+              items: {
+                type: 'object',
+                required: ['key', 'status'],
+                properties: {
+                  key: { type: 'string' },
+                  status: { type: 'integer' },
+                  last_id: { type: 'integer' },
+                  error: {
+                    type: 'object',
+                    required: ['code', 'message'],
+                    properties: { code: { type: 'string' }, message: { type: 'string' }, details: { type: 'object', additionalProperties: true } },
+                  },
+                },
+              },
+            },
+          },
+        },
+        400: err,
+        403: err,
+        413: err,
+        ...rejections,
+      },
+    },
+  }, async (req) => {
+    const peer = req.peer!;
+    const entries = pushEntriesOf(verifiedJson(req));
+    // The body limit and the allow/deny lists, once for the request (the entries are checked again, without the size).
+    await checkBodyOnce(deps, peer, bodySize(req));
+    return { results: await receivePushEntries(deps, peer, entries) };
   });
 
   const backfill = async (req: FastifyRequest) => {

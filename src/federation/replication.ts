@@ -15,6 +15,7 @@ import { applyAction, emptyState, referencedMessages } from '../core/reducer.ts'
 import { type Deps, isLocalAddress, primaryDomain } from '../context.ts';
 import { AppError, forbidden } from '../platform/errors.ts';
 import { isUniqueViolation, transaction, type Tx } from '../store/db.ts';
+import { groupTransaction } from '../store/group-commit.ts';
 import { localUserIds, storeActions } from '../conversations/append.ts';
 import { recordEffects } from '../conversations/effects.ts';
 import { type ConversationRow, insertConversation, loadedParticipantRows, loadState, lockConversation, persistState } from '../conversations/store.ts';
@@ -24,6 +25,7 @@ import { signedFetch } from './client.ts';
 import { checkPeerBatch, fetchMissingBlobs, MAX_PUSH_ACTIONS } from './hooks.ts';
 import { samePlatform } from './outbox.ts';
 import { discoverPlatform, verifyReceivedLog } from './runtime.ts';
+import type { VerifiedPeer } from './http-signatures.ts';
 
 /** Thrown when a batch continues a conversation this platform has never seen: fetch the log first. */
 export class UnknownConversation extends Error {
@@ -85,7 +87,12 @@ export function batchOf(body: unknown, max = MAX_PUSH_ACTIONS): Action[] {
 export async function receiveActions(deps: Deps, leader: string, key: string, actions: Action[]): Promise<Received> {
   for (let attempt = 0; ; attempt++) {
     try {
-      return await transaction(deps.db, (tx) => receiveInTx(tx, deps, leader, key, actions));
+      // A batch continuing a conversation shares a transaction with the other conversations
+      // being received or appended at the same time (group commit: one COMMIT and one set of
+      // writes for all of them — a multi-conversation push applies its entries this way). A
+      // batch from action 1 may create the conversation: alone, as local creations are.
+      if (actions[0].id === 1) return await transaction(deps.db, (tx) => receiveInTx(tx, deps, leader, key, actions));
+      return await groupTransaction(deps.db, key, (tx) => receiveInTx(tx, deps, leader, key, actions));
     } catch (e) {
       // Two batches creating the same conversation at once: the second one sees it next time.
       if (attempt < 2 && isUniqueViolation(e)) continue;
@@ -300,6 +307,93 @@ export async function receiveOrCatchUp(deps: Deps, leader: string, key: string, 
     else await backfillFrom(deps, leader, key, (e as AppError).details!.last_id as number, actions[0].id - 1);
     return receiveActions(deps, leader, key, actions);
   }
+}
+
+/**
+ * Receives one pushed batch of conversation `key` from `peer` (docs/federation.md, "Push"):
+ * the abuse checks, the files its actions name, then {@link receiveActions} — or, for a
+ * conversation never seen here whose batch starts after action 1, the whole log first
+ * ("Joining"). The one code path of `POST …/conversations/{key}/actions` and of each entry
+ * of a multi-conversation push (`POST /federation/v1/push`).
+ * @param bytes the request body's size (0 for an entry of a multi-conversation push, whose body was checked once)
+ * @returns the last action id this platform has of the conversation
+ * @throws AppError with the status the single-conversation push answers (nothing of the batch stored)
+ */
+export async function receivePushed(deps: Deps, peer: VerifiedPeer | { platform: string }, key: string, actions: Action[], bytes: number): Promise<number> {
+  await checkPeerBatch(deps, peer, { kind: 'push', key, actions, bytes });
+  await fetchMissingBlobs(deps, peer, actions);
+  try {
+    return (await receiveActions(deps, peer.platform, key, actions)).last_id;
+  } catch (e) {
+    if (!(e instanceof UnknownConversation)) throw e;
+    // Never seen here (a participant added later, a missed publish): fetch the whole log and join.
+    await joinFromLeader(deps, peer.platform, key);
+    return (await receiveActions(deps, peer.platform, key, actions)).last_id;
+  }
+}
+
+/** Most conversations in one multi-conversation push (`POST /federation/v1/push`). */
+export const MAX_PUSH_CONVERSATIONS = 100;
+
+/** One entry of a multi-conversation push: a conversation key and its batch, not yet checked. */
+export interface PushEntry {
+  key: string;
+  /** As received: {@link batchOf} checks it when the entry is processed. */
+  actions: unknown;
+}
+
+/** The answer for one entry of a multi-conversation push, in request order. */
+export type PushResult =
+  | { key: string; status: 200; last_id: number }
+  | { key: string; status: number; error: { code: string; message: string; details?: Record<string, unknown> } };
+
+/**
+ * Checks the envelope of a multi-conversation push, `{"conversations": [{"key", "actions"}, …]}`
+ * (docs/federation.md, "Push"): 1 to {@link MAX_PUSH_CONVERSATIONS} entries, each with a
+ * conversation key (32 lowercase hex digits) given once and an `actions` array; at most
+ * {@link MAX_PUSH_ACTIONS} actions in all. The batches themselves are checked per entry
+ * (their faults are answered per entry). Members other than these are ignored.
+ * @throws AppError 400 invalid_request (the envelope), 413 batch_too_large (too many conversations or actions)
+ */
+export function pushEntriesOf(body: unknown): PushEntry[] {
+  const list = (body as { conversations?: unknown } | null)?.conversations;
+  if (!body || typeof body !== 'object' || !Array.isArray(list) || list.length === 0)
+    throw new AppError(400, 'invalid_request', 'the body must be {"conversations": [{"key": <conversation key>, "actions": [<action>, …]}, …]} with at least one entry');
+  if (list.length > MAX_PUSH_CONVERSATIONS)
+    throw new AppError(413, 'batch_too_large', `at most ${MAX_PUSH_CONVERSATIONS} conversations per push`, { max_conversations: MAX_PUSH_CONVERSATIONS });
+  const keys = new Set<string>();
+  let total = 0;
+  for (const e of list) {
+    if (!e || typeof e !== 'object' || Array.isArray(e) || typeof e.key !== 'string' || !/^[0-9a-f]{32}$/.test(e.key) || !Array.isArray(e.actions))
+      throw new AppError(400, 'invalid_request', 'every entry of conversations must be {"key": <32 lowercase hex digits>, "actions": [<action>, …]}');
+    if (keys.has(e.key)) throw new AppError(400, 'invalid_request', `conversation ${e.key} is given twice; send its actions as one entry`, { key: e.key });
+    keys.add(e.key);
+    total += e.actions.length;
+  }
+  if (total > MAX_PUSH_ACTIONS) throw new AppError(413, 'batch_too_large', `at most ${MAX_PUSH_ACTIONS} actions per request`, { max: MAX_PUSH_ACTIONS, actions: total });
+  return list as PushEntry[];
+}
+
+/**
+ * Applies the entries of a multi-conversation push from `peer`, each exactly as a
+ * single-conversation push of it would be ({@link receivePushed}), concurrently — the
+ * entries that continue known conversations share transactions (group commit) — and answers
+ * each: `200` with the conversation's last id here, or the error a single push would have
+ * answered. One entry's failure stores nothing of that entry and nothing else changes for the
+ * others. Resolves once every stored entry is committed.
+ */
+export async function receivePushEntries(deps: Deps, peer: VerifiedPeer | { platform: string }, entries: PushEntry[]): Promise<PushResult[]> {
+  return Promise.all(
+    entries.map(async (e): Promise<PushResult> => {
+      try {
+        return { key: e.key, status: 200, last_id: await receivePushed(deps, peer, e.key, batchOf({ actions: e.actions }), 0) };
+      } catch (err) {
+        if (err instanceof AppError) return { key: e.key, status: err.status, error: err.toJSON().error };
+        deps.log.error({ err, conv: e.key, peer: peer.platform }, 'pushed entry failed');
+        return { key: e.key, status: 500, error: { code: 'internal', message: 'internal error' } };
+      }
+    }),
+  );
 }
 
 export type { ConversationRow };
