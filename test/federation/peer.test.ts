@@ -396,4 +396,112 @@ describe('a misbehaving peer against a real platform', () => {
     assert.equal(taken.status, 200, taken.text);
     assert.equal((await stored())?.last_id, 12);
   });
+
+  it('a multi-conversation push (POST /federation/v1/push): each entry answered as its own push — gapped, reordered and forged entries refused alone, the others stored; a malformed or oversized envelope refused whole', async () => {
+    const t = new Date().toISOString();
+    const pushMany = (entries: { key: string; actions: unknown[] }[], who: Pick<Identity, 'keyId' | 'privateKey'> = me) =>
+      send('POST', '/federation/v1/push', { conversations: entries }, who);
+    /** A new conversation of the peer with alice in it, as the peer would push it first. */
+    const newConversation = (subject: string) => {
+      const key = convKey(creator, t, subject);
+      const actions = chain(key, { id: 0, hash: null }, t, me, [
+        { act: 'conv:create', actor: creator, body: subject },
+        { act: 'participant:add', actor: creator, participant: 'alice@alpha.test', perms: 'write' },
+        { act: 'conv:publish', actor: creator },
+      ]);
+      logs.set(key, actions);
+      return { key, actions };
+    };
+    const before = await stored();
+    // The head of the peer's conversation as the platform holds it (earlier tests pushed actions outside `log`).
+    const db = tp.platform.deps.db.kysely;
+    const top = async () => {
+      const row = await db.selectFrom('conversations').select(['id']).where('key', '=', conv).executeTakeFirstOrThrow();
+      const a = await db.selectFrom('actions').select(['id', 'hash']).where('conv_id', '=', row.id).orderBy('id', 'desc').limit(1).executeTakeFirstOrThrow();
+      return { id: a.id, hash: a.hash };
+    };
+
+    // Two conversations in one request: both stored, each answered with its last id, in request order.
+    const second = newConversation('Second of the peer');
+    const [next] = chain(conv, await top(), t, me, [{ act: 'message:add', actor: creator, body: 'with another conversation' }]);
+    const ok = await pushMany([second, { key: conv, actions: [next] }]);
+    assert.equal(ok.status, 200, ok.text);
+    assert.deepEqual(ok.body.results, [
+      { key: second.key, status: 200, last_id: 3 },
+      { key: conv, status: 200, last_id: before!.last_id + 1 },
+    ]);
+    assert.deepEqual(await stored(second.key), { last_id: 3, ids: [1, 2, 3] });
+    assert.equal((await stored())?.last_id, before!.last_id + 1);
+
+    // A reordered entry, a gapped entry and a valid one in one request: only the valid one is stored.
+    const third = newConversation('Third of the peer');
+    const [x, y, z] = chain(conv, await top(), t, me, [
+      { act: 'message:add', actor: creator, body: 'x' },
+      { act: 'message:add', actor: creator, body: 'y' },
+      { act: 'message:add', actor: creator, body: 'z' },
+    ]);
+    const secondNext = chain(second.key, { id: 3, hash: second.actions[2].hash }, t, me, [
+      { act: 'message:add', actor: creator, body: 'four' },
+      { act: 'message:add', actor: creator, body: 'five' },
+    ]);
+    const mixed = await pushMany([
+      { key: conv, actions: [x, z, y] },
+      { key: second.key, actions: [secondNext[1]] },
+      third,
+    ]);
+    assert.equal(mixed.status, 200, mixed.text);
+    const [reordered, gapped, fine] = mixed.body.results;
+    assert.equal(reordered.key, conv);
+    assert.equal(reordered.status, 422, mixed.text);
+    assert.equal(reordered.error.code, 'invalid_log');
+    assert.equal(reordered.error.details.reason, 'sequence_mismatch');
+    assert.equal(gapped.key, second.key);
+    assert.equal(gapped.status, 409, mixed.text);
+    assert.equal(gapped.error.code, 'gap');
+    assert.equal(gapped.error.details.last_id, 3);
+    assert.deepEqual(fine, { key: third.key, status: 200, last_id: 3 });
+    assert.equal((await stored())?.last_id, before!.last_id + 1, 'nothing of the reordered entry');
+    assert.deepEqual(await stored(second.key), { last_id: 3, ids: [1, 2, 3] }, 'nothing of the gapped entry');
+    assert.deepEqual(await stored(third.key), { last_id: 3, ids: [1, 2, 3] });
+
+    // A forged action signature in one entry, a tampered chain in another, a valid third: only the third is stored.
+    const [forged] = chain(conv, await top(), t, me, [{ act: 'message:add', actor: creator, body: 'forged in a multi push' }]);
+    forged.sig = actionSig(forged.hash, impostorSameKeyId);
+    const tampered = chain(third.key, { id: 3, hash: third.actions[2].hash }, t, me, [{ act: 'message:add', actor: creator, body: 'original' }]);
+    tampered[0].body = 'altered';
+    const signedRight = await pushMany([
+      { key: conv, actions: [forged] },
+      { key: third.key, actions: tampered },
+      { key: second.key, actions: secondNext },
+    ]);
+    assert.equal(signedRight.status, 200, signedRight.text);
+    const [f, tp2, s2] = signedRight.body.results;
+    assert.deepEqual([f.status, f.error?.details?.reason], [422, 'bad_signature'], signedRight.text);
+    assert.deepEqual([tp2.status, tp2.error?.details?.reason], [422, 'hash_mismatch'], signedRight.text);
+    assert.deepEqual(s2, { key: second.key, status: 200, last_id: 5 });
+    assert.equal((await stored())?.last_id, before!.last_id + 1);
+    assert.deepEqual(await stored(third.key), { last_id: 3, ids: [1, 2, 3] });
+
+    // The envelope: refused whole, nothing stored.
+    const valid = chain(third.key, { id: 3, hash: third.actions[2].hash }, t, me, [{ act: 'message:add', actor: creator, body: 'valid, refused with its envelope' }]);
+    const snapshot = async () => [await stored(), await stored(second.key), await stored(third.key)];
+    const was = await snapshot();
+    // A request signature by a key the peer never published.
+    expectRefused(await pushMany([{ key: third.key, actions: valid }], impostorSameKeyId), 401, 'bad_signature');
+    // The same conversation twice; an entry without actions; no conversations at all.
+    expectRefused(await pushMany([{ key: third.key, actions: valid }, { key: third.key, actions: valid }]), 400, 'invalid_request');
+    expectRefused(await send('POST', '/federation/v1/push', { conversations: [{ key: third.key }] }), 400, 'invalid_request');
+    expectRefused(await send('POST', '/federation/v1/push', { conversations: [] }), 400, 'invalid_request');
+    // More than 500 actions in all (each entry alone would be within the limit).
+    const many = chain(conv, await top(), t, me, Array.from({ length: 251 }, (_, i) => ({ act: 'message:add', actor: creator, body: `m${i}` })));
+    const more = chain(second.key, { id: 5, hash: secondNext[1].hash }, t, me, Array.from({ length: 250 }, (_, i) => ({ act: 'message:add', actor: creator, body: `n${i}` })));
+    expectRefused(await pushMany([{ key: conv, actions: many }, { key: second.key, actions: more }]), 413, 'batch_too_large');
+    // More than 100 conversations.
+    const keys = Array.from({ length: 101 }, (_, i) => ({ key: convKey(creator, t, `k${i}`), actions: valid }));
+    expectRefused(await pushMany(keys), 413, 'batch_too_large');
+    // A body over the federation limit.
+    const huge = chain(conv, await top(), t, me, Array.from({ length: 11 }, () => ({ act: 'message:add', actor: creator, body: 'x'.repeat(1_000_000) })));
+    expectRefused(await pushMany([{ key: conv, actions: huge }]), 413, 'too_large');
+    assert.deepEqual(await snapshot(), was);
+  });
 });
