@@ -12,7 +12,7 @@
  *
  * `verifyLog` is what a replica runs on a received log before storing any of it.
  */
-import { sign, verify } from 'node:crypto';
+import { type KeyObject, sign, verify } from 'node:crypto';
 import { type Action, hashAction } from '../core/actions.ts';
 import { applyAction, emptyState, type ConversationState } from '../core/reducer.ts';
 import { conversationKey } from '../core/keys.ts';
@@ -87,6 +87,23 @@ export type SignatureCheck =
  */
 export async function verifyActionSignature(action: Action, resolveKey: KeyResolver): Promise<SignatureCheck> {
   if (hashAction(action) !== action.hash) return { ok: false, reason: 'hash_mismatch', message: `action ${action.id}: hash does not match its content` };
+  return verifySignatureOverHash(action, resolveKey);
+}
+
+/** Signatures found valid recently: `<hash>|<sig>` → the public key that verified it (see {@link preverifySignatures}). */
+const verified = new Map<string, { publicKey: KeyObject; at: number }>();
+/** Most remembered signatures, and for how long, ms. */
+const VERIFIED_MAX = 50_000;
+const VERIFIED_TTL_MS = 5 * 60_000;
+
+/**
+ * Verifies the signature of an action over its **claimed** `hash` (the caller checks that the
+ * hash matches the content): sig format, key published and valid at `ts`, Ed25519. The
+ * Ed25519 step is skipped when the same signature over the same hash verified with the same
+ * public key in the last minutes ({@link preverifySignatures}); the key's publication and
+ * validity at `ts` are checked every time.
+ */
+async function verifySignatureOverHash(action: Action, resolveKey: KeyResolver): Promise<SignatureCheck> {
   if (action.sig === undefined) return { ok: false, reason: 'missing_signature', message: `action ${action.id} has no sig` };
   const s = parseActionSig(action.sig);
   if (!s) return { ok: false, reason: 'bad_signature_format', message: `action ${action.id}: sig is not "<platform>#<key id>:<base64url>"` };
@@ -95,8 +112,13 @@ export async function verifyActionSignature(action: Action, resolveKey: KeyResol
   const ts = Date.parse(action.ts);
   if (Number.isNaN(ts) || ts < key.createdAt - CLOCK_SKEW_S * 1000 || ts > key.notAfter)
     return { ok: false, reason: 'key_not_valid', message: `action ${action.id}: the key ${s.keyId} was not valid at ${action.ts}` };
-  if (!verify(null, actionSigningInput(action.hash), key.publicKey, s.signature))
-    return { ok: false, reason: 'bad_signature', message: `action ${action.id}: the signature does not verify with ${s.keyId}` };
+  const memo = `${action.hash}|${action.sig}`;
+  const known = verified.get(memo);
+  if (!known || !(known.publicKey === key.publicKey || known.publicKey.equals(key.publicKey)) || Date.now() - known.at > VERIFIED_TTL_MS) {
+    if (!verify(null, actionSigningInput(action.hash), key.publicKey, s.signature))
+      return { ok: false, reason: 'bad_signature', message: `action ${action.id}: the signature does not verify with ${s.keyId}` };
+    remember(memo, key.publicKey);
+  }
   return { ok: true, platform: s.platform, keyId: s.keyId };
 }
 
@@ -119,6 +141,28 @@ export interface OriginContext {
  * by {@link verifyLog}; pre-checks that have no state call it without.
  */
 export type OriginCheck = (action: Action, platform: string, ctx?: OriginContext) => Promise<string | null> | string | null;
+
+function remember(memo: string, publicKey: KeyObject): void {
+  if (verified.size >= VERIFIED_MAX) verified.delete(verified.keys().next().value!);
+  verified.set(memo, { publicKey, at: Date.now() });
+}
+
+/**
+ * Checks the Ed25519 signatures of received actions ahead of {@link verifyLog} — outside the
+ * transaction that will store them, while an earlier batch is being stored — and remembers
+ * the valid ones, so that verifyLog's signature step is a lookup. Invalid or unverifiable
+ * signatures are not remembered: verifyLog finds and reports them. Never throws.
+ */
+export async function preverifySignatures(actions: readonly Action[], resolveKey: KeyResolver): Promise<void> {
+  for (const a of actions) {
+    if (!a || typeof a !== 'object' || typeof a.hash !== 'string') continue;
+    try {
+      await verifySignatureOverHash(a, resolveKey);
+    } catch {
+      /* left to verifyLog */
+    }
+  }
+}
 
 /** Options of {@link verifyLog}. */
 export interface VerifyLogOptions {
@@ -193,7 +237,7 @@ export async function verifyLog(actions: Action[], resolveKey: KeyResolver, opts
       return fail('wrong_conversation', `the key ${a.conv} is not derived from action 1 (creator, time, subject)`);
     if (a.id !== lastId + 1) return fail('sequence_mismatch', `action ${a.id} does not follow ${lastId}`);
     if (a.prev !== lastHash) return fail('prev_mismatch', `action ${a.id}: prev is not the hash of action ${lastId}`);
-    const sig = await verifyActionSignature(a, memoResolve);
+    const sig = await verifySignatureOverHash(a, memoResolve); // the hash was checked just above
     if (!sig.ok) return fail(sig.reason, sig.message);
     if (a.id === 1) leader = sig.platform; // the creator's platform leads (docs/federation.md, "Roles")
     if (opts.origin) {

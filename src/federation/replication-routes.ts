@@ -27,6 +27,9 @@ const actionList = { type: 'array', items: { type: 'object', additionalPropertie
 const rejections = { 401: { ...err, description: 'The request signature was refused (docs/federation.md, "Verification order").' } };
 const BatchBody = { description: '`{"actions": [<action>, …]}`: 1 to 500 consecutive actions in wire form (docs/federation.md, "Actions on the wire").' };
 
+/** While a replica pulls a conversation page by page, its link is not pushed for this long after each page, ms. */
+const PULL_QUIET_MS = 2000;
+
 const bodySize = (req: FastifyRequest) => (Buffer.isBuffer(req.body) ? req.body.length : 0);
 
 /** The request-level abuse checks of a multi-conversation push: allow/deny lists and the body size. */
@@ -106,21 +109,31 @@ export async function replicationRoutes(scope: FastifyInstance, deps: Deps, auth
   const backfill = async (req: FastifyRequest) => {
     const peer = req.peer!;
     const key = (req.params as { key: string }).key;
+    const joining = req.url.split('?')[0].endsWith('/log');
     const { since, limit } = req.query as { since: number; limit: number };
     const row = await findConversation(deps.db.kysely, key);
     if (!row || row.key !== key || !row.published) throw notFound('conversation');
     if (row.leader !== primaryDomain(deps)) throw conflict('not_leader', `this platform does not lead conversation ${key}; ${row.leader} does`, { leader: row.leader });
-    const links = await sql<{ platform: string; stop_id: number | null; attempts: number }>`select platform, stop_id, attempts from federation_links where conv_id = ${row.id}`.execute(deps.db.kysely);
-    let link: { platform: string; stop_id: number | null; attempts: number } | undefined;
+    const links = await sql<{ platform: string; stop_id: number | null; attempts: number; acked_id: number }>`
+      select platform, stop_id, attempts, acked_id from federation_links where conv_id = ${row.id}`.execute(deps.db.kysely);
+    let link: { platform: string; stop_id: number | null; attempts: number; acked_id: number } | undefined;
     for (const l of links.rows) if (await samePlatform(deps, l.platform, peer.platform)) link = l;
     if (!link) throw forbidden('not_a_participant_platform', `no participant of ${peer.platform} takes or took part in conversation ${key}`);
-    if (link.attempts > 0) {
-      // The platform is reachable again (it asks): push to it now rather than after the backoff.
-      await sql`update federation_links set attempts = 0, next_attempt_at = now() where conv_id = ${row.id} and platform = ${link.platform}`.execute(deps.db.kysely);
-      await sql`select pg_notify(${FEDERATION_CHANNEL}, '')`.execute(deps.db.kysely);
-    }
     const upTo = Math.min(row.last_id, link.stop_id ?? row.last_id);
-    return { actions: since >= upTo ? [] : await readActions(deps.db.kysely, row.id, since + 1, upTo, limit), last_id: upTo };
+    const actions = since >= upTo ? [] : await readActions(deps.db.kysely, row.id, since + 1, upTo, limit);
+    // A replica asking for the actions after `since` holds 1 … since (a platform joining, /log,
+    // holds nothing yet): the link's cursor may move there. While it pulls page after page,
+    // the pusher leaves the link alone (it would send the same actions); once it asks for the
+    // last page — or when it was backing off, unreachable — the link is due again at once.
+    if (!joining && (link.attempts > 0 || since > link.acked_id)) {
+      const last = since + actions.length >= upTo;
+      await sql`
+        update federation_links set acked_id = greatest(acked_id, ${since}), attempts = 0, last_error = null,
+               next_attempt_at = now() + ${`${last ? 0 : PULL_QUIET_MS} milliseconds`}::interval, updated_at = now()
+         where conv_id = ${row.id} and platform = ${link.platform}`.execute(deps.db.kysely);
+      if (last) await sql`select pg_notify(${FEDERATION_CHANNEL}, '')`.execute(deps.db.kysely);
+    }
+    return { actions, last_id: upTo };
   };
   const BackfillQuery = {
     type: 'object',

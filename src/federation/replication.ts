@@ -24,7 +24,7 @@ import { parseActionSig } from './action-signatures.ts';
 import { signedFetch } from './client.ts';
 import { checkPeerBatch, fetchMissingBlobs, MAX_PUSH_ACTIONS } from './hooks.ts';
 import { samePlatform } from './outbox.ts';
-import { discoverPlatform, verifyReceivedLog } from './runtime.ts';
+import { discoverPlatform, preverifyReceived, verifyReceivedLog } from './runtime.ts';
 import type { VerifiedPeer } from './http-signatures.ts';
 
 /** Thrown when a batch continues a conversation this platform has never seen: fetch the log first. */
@@ -181,32 +181,49 @@ export async function platformUrl(deps: Deps, name: string): Promise<string> {
 /**
  * Fetches actions of conversation `key` from its leader, `GET …/actions?since=N&limit=500`
  * page by page, and stores each page ({@link receiveActions}) until this platform has
- * action `upTo` (or the leader has nothing more). Used to join a conversation (from 0) and
- * to backfill a gap.
+ * action `upTo` (or the leader has nothing more). Used to catch up (at start, after a gap)
+ * and to backfill before a proposal's answer. **Pipelined**: the next page is requested,
+ * checked and its signatures verified while the previous one is being stored, so the
+ * leader's reading, the transfer, this platform's verification and its writes overlap.
  * @returns the last action id stored here
  * @throws AppError 502 peer_unavailable / the leader's refusal; verification errors
  */
 export async function backfillFrom(deps: Deps, leader: string, key: string, since: number, upTo = Infinity): Promise<number> {
   const base = await platformUrl(deps, leader);
-  let last = since;
-  while (last < upTo) {
+  const fetchPage = async (after: number): Promise<{ actions: Action[]; last_id: number }> => {
     let r: Response;
     try {
-      r = await signedFetch(deps, `${base}/federation/v1/conversations/${key}/actions?since=${last}&limit=${MAX_PUSH_ACTIONS}`);
+      r = await signedFetch(deps, `${base}/federation/v1/conversations/${key}/actions?since=${after}&limit=${MAX_PUSH_ACTIONS}`);
     } catch (e) {
       throw new AppError(502, 'peer_unavailable', `${leader}: ${(e as Error).message}`);
     }
     const text = await r.text();
     if (r.status !== 200) throw new AppError(502, 'peer_refused', `${leader} answered ${r.status} to a backfill: ${text.slice(0, 300)}`);
     const body = JSON.parse(text) as { actions: Action[]; last_id: number };
-    if (!Array.isArray(body.actions) || body.actions.length === 0) break;
+    if (!Array.isArray(body.actions) || body.actions.length === 0) return { actions: [], last_id: body.last_id };
     const actions = batchOf(body);
     await checkPeerBatch(deps, { platform: leader }, { kind: 'log', key, actions, bytes: 0 });
     await fetchMissingBlobs(deps, { platform: leader }, actions);
-    const got = await receiveActions(deps, leader, key, actions);
-    if (got.last_id <= last) break;
-    last = got.last_id;
-    if (last >= body.last_id) break;
+    await preverifyReceived(deps, actions);
+    return { actions, last_id: body.last_id };
+  };
+  let last = since;
+  let next: Promise<{ actions: Action[]; last_id: number }> | null = last < upTo ? fetchPage(last) : null;
+  try {
+    while (next) {
+      const page = await next;
+      next = null;
+      if (page.actions.length === 0) break;
+      const end = page.actions.at(-1)!.id;
+      // The next page, fetched and verified while this one is stored.
+      if (end < page.last_id && end < upTo) next = fetchPage(end);
+      const got = await receiveActions(deps, leader, key, page.actions);
+      if (got.last_id <= last) break;
+      last = got.last_id;
+      if (last >= page.last_id) break;
+    }
+  } finally {
+    next?.catch(() => {}); // a page fetched ahead that is no longer wanted
   }
   return last;
 }
@@ -322,6 +339,8 @@ export async function receiveOrCatchUp(deps: Deps, leader: string, key: string, 
 export async function receivePushed(deps: Deps, peer: VerifiedPeer | { platform: string }, key: string, actions: Action[], bytes: number): Promise<number> {
   await checkPeerBatch(deps, peer, { kind: 'push', key, actions, bytes });
   await fetchMissingBlobs(deps, peer, actions);
+  // Signatures verified before the (shared) transaction: it then holds its locks shorter.
+  await preverifyReceived(deps, actions);
   try {
     return (await receiveActions(deps, peer.platform, key, actions)).last_id;
   } catch (e) {

@@ -13,7 +13,7 @@ import { localKeyResolver } from './keys.ts';
 import { createRemoteKeyResolver } from './remote-keys.ts';
 import { isDomainAllowed } from './abuse.ts';
 import { pgReplayStore } from './replay.ts';
-import { type LogCheck, type OriginCheck, type OriginContext, type VerifyLogOptions, verifyLog } from './action-signatures.ts';
+import { type LogCheck, type OriginCheck, type OriginContext, type VerifyLogOptions, preverifySignatures, verifyLog } from './action-signatures.ts';
 import type { ConversationState } from '../core/reducer.ts';
 
 /** What federation code of one platform process shares. */
@@ -141,4 +141,13 @@ export function verifyReceivedLog(deps: Deps, actions: Action[], opts: Omit<Veri
     ...opts,
     origin: actorOriginCheck(fed.discovery, { platform: primaryDomain(deps), domains: deps.config.domains }),
   });
+}
+
+/**
+ * Verifies the action signatures of a received batch ahead of {@link verifyReceivedLog}
+ * (action-signatures.ts preverifySignatures): the Ed25519 work is done before the batch's
+ * transaction, overlapping the storing of an earlier batch. Never throws.
+ */
+export function preverifyReceived(deps: Deps, actions: readonly Action[]): Promise<void> {
+  return preverifySignatures(actions, federationOf(deps).resolveKey);
 }
