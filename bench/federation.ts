@@ -206,6 +206,16 @@ function countInstructions(pid: number): { stop(): Promise<number> } {
   };
 }
 
+/** Prints the statements of pg_stat_statements since the last reset, most frequent first, and resets them (BENCH_FEDERATION_STATEMENTS). */
+async function printStatements(client: pg.Client, phase: string): Promise<void> {
+  const r = await client.query(
+    `select d.datname, s.calls, round(s.total_exec_time::numeric, 1) as ms, left(regexp_replace(s.query, '\\s+', ' ', 'g'), 140) as query
+       from pg_stat_statements s join pg_database d on d.oid = s.dbid order by s.calls desc limit 60`,
+  );
+  for (const x of r.rows) process.stderr.write(`  [statements ${phase}] ${x.datname} ${x.calls} ${x.ms} ms ${x.query}\n`);
+  await client.query('select pg_stat_statements_reset()');
+}
+
 /** Polls `fn` every `everyMs` until it is true; throws `what` after `timeoutMs`. */
 async function until(fn: () => Promise<boolean>, what: string, timeoutMs = 60_000, everyMs = 20): Promise<void> {
   const deadline = performance.now() + timeoutMs;
@@ -343,14 +353,7 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
     const cpuA = processCpuMs(A.proc!.pid) - cpuA0;
     const cpuB = processCpuMs(B.proc!.pid) - cpuB0;
     const [instrA, instrB] = await Promise.all([perfA.stop(), perfB.stop()]);
-    if (statements) {
-      const r = await statements.query(
-        `select d.datname, s.calls, round(s.total_exec_time::numeric, 1) as ms, left(regexp_replace(s.query, '\\s+', ' ', 'g'), 140) as query
-           from pg_stat_statements s join pg_database d on d.oid = s.dbid order by s.calls desc limit 60`,
-      );
-      for (const x of r.rows) process.stderr.write(`  [statements] ${x.datname} ${x.calls} ${x.ms} ms ${x.query}\n`);
-      await statements.end();
-    }
+    if (statements) await printStatements(statements, 'live');
     latencies.sort((a, b) => a - b);
     const afterResponse = [...frameAt.entries()].map(([tag, at]) => at - answeredAt.get(tag)!).sort((a, b) => a - b);
     const live = {
@@ -392,6 +395,7 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
     }
     const before = await lastIdOnB(key);
     progress(`federation: B holds ${before} of ${last} actions; starting B`);
+    if (statements) await statements.query('select pg_stat_statements_reset()');
     const s0 = performance.now();
     await startMember(B, routes);
     const listening = performance.now();
@@ -411,6 +415,10 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
       10,
     );
     const done = performance.now();
+    if (statements) {
+      await printStatements(statements, 'catch-up');
+      await statements.end();
+    }
     const moved = Math.max(1, last - before);
     const cpuCA = processCpuMs(A.proc!.pid) - cpuCA0;
     const cpuCB = processCpuMs(B.proc!.pid) - cpuCB0;

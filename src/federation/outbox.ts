@@ -130,11 +130,56 @@ export async function trackReplication(tx: Tx, deps: Deps, convId: number, s: Co
       select ${convId}, p from unnest(${reopen}::text[]) as t(p)
       on conflict (conv_id, platform) do update set stop_id = null, next_attempt_at = now(), attempts = 0, updated_at = now()`.execute(tx);
   }
+  if (remoteAdds.length === 0) await rememberRecipients(tx, deps, convId, s);
   // Wake the pusher when some participant is not ours (an email-only conversation costs it one
   // query). The payload names the conversation, so a pusher already sending its links leaves it
   // to them; a link made or reopened here must be claimed: the payload is then empty.
   if ([...s.participants.keys()].some((a) => !isLocalAddress(deps, a)))
     await notifyAfterCommit(tx, FEDERATION_CHANNEL, reopen.length > 0 || changed.size > 0 ? '' : String(convId));
+}
+
+/**
+ * What {@link federatedRecipients} answers for conversations of a transaction, when the
+ * writing code already knows it: null on a replica (this platform does not lead it), else
+ * the remote participants' addresses. Saves its query per append.
+ */
+const knownRecipients = new WeakMap<object, Map<number, Set<string> | null>>();
+
+/** Tells {@link federatedRecipients} what to answer for conversation `convId` in `tx` (null: this platform does not lead it). */
+export function noteRecipients(tx: Queryable, convId: number, remote: Set<string> | null): void {
+  let m = knownRecipients.get(tx);
+  if (!m) knownRecipients.set(tx, (m = new Map()));
+  m.set(convId, remote);
+}
+
+/**
+ * Per conversation this platform leads: how each of its non-local participants was
+ * classified when added — the platform serving it, or null for an email participant — with
+ * the id of that `participant:add`. A classification is made once per `participant:add` and
+ * never changes (federation_participants rows are never updated), so an entry holds while
+ * the participant's `added_id` is the same; a participant added since (here or by another
+ * process) is not in it, and the rows are read again.
+ */
+const classified = new Map<number, Map<string, { added: number; platform: string | null }>>();
+const CLASSIFIED_MAX = 50_000;
+
+/**
+ * Works out, for an append to a conversation this platform leads that adds no remote
+ * participant, which of its participants are remote (replicated to, never emailed) — from
+ * {@link classified}, else from federation_participants — and notes it for
+ * {@link federatedRecipients} in `tx`.
+ */
+async function rememberRecipients(tx: Tx, deps: Deps, convId: number, s: ConversationState): Promise<void> {
+  const others = [...s.participants.values()].filter((p) => !isLocalAddress(deps, p.address));
+  if (others.length === 0) return;
+  let known = classified.get(convId);
+  if (!known || others.some((p) => known!.get(p.address)?.added !== p.added_id)) {
+    const rows = await participantPlatforms(tx, convId);
+    if (classified.size >= CLASSIFIED_MAX) classified.clear();
+    known = new Map(others.map((p) => [p.address, { added: p.added_id, platform: rows.get(p.address) ?? null }]));
+    classified.set(convId, known);
+  }
+  noteRecipients(tx, convId, new Set(others.filter((p) => known!.get(p.address)!.platform !== null).map((p) => p.address)));
 }
 
 /** address → platform of a conversation's remote participants. */
@@ -147,9 +192,12 @@ export async function participantPlatforms(db: Queryable, convId: number): Promi
  * Whom the platform may email for a conversation (issue 3 §8): null when it does not lead
  * the conversation (only the leader mails email participants), else the set of remote
  * participants' addresses, which are replicated to and never emailed. Used by
- * src/mail/outbound/enqueue.ts. One query.
+ * src/mail/outbound/enqueue.ts. One query — none when the writing code noted the answer for
+ * `tx` ({@link noteRecipients}: a replica storing received actions, a leader's append).
  */
 export async function federatedRecipients(tx: Queryable, deps: Deps, convId: number): Promise<Set<string> | null> {
+  const known = knownRecipients.get(tx)?.get(convId);
+  if (known !== undefined) return known;
   const r = await sql<{ leader: string; address: string | null }>`
     select c.leader, f.address from conversations c left join federation_participants f on f.conv_id = c.id where c.id = ${convId}`.execute(tx);
   if (r.rows.length === 0 || r.rows[0].leader !== primaryDomain(deps)) return null;

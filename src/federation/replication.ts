@@ -14,7 +14,7 @@ import type { Action } from '../core/actions.ts';
 import { applyAction, emptyState, referencedMessages } from '../core/reducer.ts';
 import { type Deps, isLocalAddress, primaryDomain } from '../context.ts';
 import { AppError, forbidden } from '../platform/errors.ts';
-import { isUniqueViolation, transaction, type Tx } from '../store/db.ts';
+import { beforeCommit, isUniqueViolation, transaction, type Tx } from '../store/db.ts';
 import { groupTransaction } from '../store/group-commit.ts';
 import { localUserIds, storeActions } from '../conversations/append.ts';
 import { recordEffects } from '../conversations/effects.ts';
@@ -23,7 +23,7 @@ import { checkPeerAllowed } from './abuse.ts';
 import { parseActionSig } from './action-signatures.ts';
 import { signedFetch } from './client.ts';
 import { checkPeerBatch, fetchMissingBlobs, MAX_PUSH_ACTIONS } from './hooks.ts';
-import { samePlatform } from './outbox.ts';
+import { noteRecipients, samePlatform } from './outbox.ts';
 import { discoverPlatform, preverifyReceived, verifyReceivedLog } from './runtime.ts';
 import type { VerifiedPeer } from './http-signatures.ts';
 
@@ -122,6 +122,7 @@ async function receiveInTx(tx: Tx, deps: Deps, leader: string, key: string, acti
   }
   if (batch.length === 0) return { last_id: row.last_id, stored: [] };
   if (batch[0].id !== row.last_id + 1) throw gapError(row.last_id);
+  noteRecipients(tx, row.id, null); // a replica never emails about the conversation (issue 3 §8)
   const state = await loadState(tx, row, referencedMessages(batch));
   const check = await verifyReceivedLog(deps, batch, { from: state, leader: row.leader });
   if (!check.ok) throw invalidLog(check.id, check.reason, check.message, check.code);
@@ -146,6 +147,7 @@ async function createReplica(tx: Tx, deps: Deps, leader: string, key: string, ac
   if (![...s.participants.keys()].some((a) => isLocalAddress(deps, a)))
     throw forbidden('no_local_participant', `no address of this platform takes part in conversation ${key}`);
   const id = await insertConversation(tx, h, signer, null);
+  noteRecipients(tx, id, null);
   const row = (await lockConversation(tx, key))!;
   const newUserIds = await localUserIds(tx, deps, [...s.participants.keys()]);
   await storeActions(tx, deps, row, s, actions, false, { rows: new Map(), newUserIds });
@@ -153,11 +155,37 @@ async function createReplica(tx: Tx, deps: Deps, leader: string, key: string, ac
   return { last_id: h.last_id, stored: actions };
 }
 
-/** Marks applied the pending proposals whose first action is among `actions` (same hash). */
+/** Per transaction: the (conversation, hash) pairs whose pending proposals are marked applied just before it commits. */
+const appliedInTx = new WeakMap<object, { conv: number[]; hash: string[] }>();
+
+/**
+ * Marks applied the pending proposals whose first action is among `actions` (same hash) —
+ * for all the conversations a (shared) transaction stores, in one statement just before it
+ * commits.
+ */
 async function markProposalsApplied(tx: Tx, convId: number, actions: Action[]): Promise<void> {
-  await sql`
-    update federation_proposals set state = 'applied', locked_until = null, updated_at = now()
-     where conv_id = ${convId} and state = 'pending' and actions->0->>'hash' = any(${actions.map((a) => a.hash)}::text[])`.execute(tx);
+  let pending = appliedInTx.get(tx);
+  if (!pending) {
+    const p = (pending = { conv: [] as number[], hash: [] as string[] });
+    const deferred = beforeCommit(tx, async () => {
+      appliedInTx.delete(tx);
+      await sql`
+        update federation_proposals p set state = 'applied', locked_until = null, updated_at = now()
+          from unnest(${p.conv}::bigint[], ${p.hash}::text[]) as u(conv_id, hash)
+         where p.conv_id = u.conv_id and p.state = 'pending' and p.actions->0->>'hash' = u.hash`.execute(tx);
+    });
+    if (!deferred) {
+      await sql`
+        update federation_proposals set state = 'applied', locked_until = null, updated_at = now()
+         where conv_id = ${convId} and state = 'pending' and actions->0->>'hash' = any(${actions.map((a) => a.hash)}::text[])`.execute(tx);
+      return;
+    }
+    appliedInTx.set(tx, pending);
+  }
+  for (const a of actions) {
+    pending.conv.push(convId);
+    pending.hash.push(a.hash);
+  }
 }
 
 /**
