@@ -1,4 +1,3 @@
-import { sql } from 'kysely';
 import type { Action } from '../core/actions.ts';
 import { flagsAfterAction, type UserFlags } from '../core/folders.ts';
 import type { ConversationState } from '../core/reducer.ts';
@@ -33,25 +32,9 @@ interface FlagsRow {
   last_event_ts: string | null;
 }
 
-const flagsWriter: RowWriter<FlagsRow> = {
-  name: 'update participant flags',
-  write: async (tx, rows) => {
-    await sql`
-      update participants p set inbox = coalesce(r.inbox, p.inbox), seen = coalesce(r.seen, p.seen), last_event_ts = r.last_event_ts
-        from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb) as r(conv_id bigint, address text, inbox boolean, seen boolean, last_event_ts timestamptz)
-       where p.conv_id = r.conv_id and p.address = r.address`.execute(tx);
-  },
-};
+const flagsWriter: RowWriter<FlagsRow> = { kind: 'flags' };
 
-const snapshotsWriter: RowWriter<{ conv_id: number; address: string; snapshot: unknown }> = {
-  name: 'update participant snapshots',
-  write: async (tx, rows) => {
-    await sql`
-      update participants p set snapshot = r.snapshot
-        from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb) as r(conv_id bigint, address text, snapshot jsonb)
-       where p.conv_id = r.conv_id and p.address = r.address`.execute(tx);
-  },
-};
+const snapshotsWriter: RowWriter<{ conv_id: number; address: string; snapshot: unknown }> = { kind: 'snapshots' };
 
 /**
  * Who of the local participants may see action `a`: a participant sees the actions from

@@ -1,4 +1,3 @@
-import { sql } from 'kysely';
 import type { Action, FileRef } from '../core/actions.ts';
 import {
   type ConversationHeader,
@@ -211,16 +210,9 @@ interface ActionRow {
   body: Action;
 }
 
-const actionsWriter: RowWriter<ActionRow> = {
-  name: 'insert actions',
-  write: async (tx, rows) => {
-    await sql`
-      insert into actions (conv_id, id, act, actor, ts, component, hash, body)
-      select r.conv_id, r.id, r.act, r.actor, r.ts, r.component, r.hash, r.body
-        from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb)
-          as r(conv_id bigint, id integer, act text, actor text, ts timestamptz, component text, hash text, body jsonb)`.execute(tx);
-  },
-};
+// The rows below are written by parley_write_rows (src/store/migrations/033_write_rows.sql),
+// one set-based statement per kind; message search vectors as in 002_search.sql.
+const actionsWriter: RowWriter<ActionRow> = { kind: 'actions' };
 
 /** A row of `messages` (with the file names its search vector indexes). */
 interface MessageRow {
@@ -242,40 +234,12 @@ interface MessageRow {
   source: unknown;
 }
 
-const messagesWriter: RowWriter<MessageRow> = {
-  name: 'upsert messages',
-  write: async (tx, rows) => {
-    // Search tokens: src/store/migrations/002_search.sql (body, author address, file names).
-    await sql`
-      insert into messages (conv_id, id, author, body, format, parent, files, created_ts, updated_ts, deleted, head, lock_by, lock_at, lock_id, source, search)
-      select r.conv_id, r.id, r.author, r.body, r.format, r.parent, r.files, r.created_ts, r.updated_ts, r.deleted, r.head,
-             r.lock_by, r.lock_at, r.lock_id, r.source, parley_message_search(r.author, left(r.body, 200000), r.file_names)
-        from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb)
-          as r(conv_id bigint, id integer, author text, body text, format text, parent integer, files jsonb, file_names text[],
-               created_ts timestamptz, updated_ts timestamptz, deleted boolean, head integer, lock_by text, lock_at timestamptz,
-               lock_id integer, source jsonb)
-      on conflict (conv_id, id) do update set
-        body = excluded.body, format = excluded.format, files = excluded.files, updated_ts = excluded.updated_ts,
-        deleted = excluded.deleted, head = excluded.head, lock_by = excluded.lock_by, lock_at = excluded.lock_at,
-        lock_id = excluded.lock_id, search = excluded.search`.execute(tx);
-  },
-};
+const messagesWriter: RowWriter<MessageRow> = { kind: 'messages' };
 
 /** A row of `attachments`: one file of a message, in some version of it (migration 031). */
 type AttachmentRow = AttachmentsTable;
 
-const attachmentsWriter: RowWriter<AttachmentRow> = {
-  name: 'insert attachments',
-  write: async (tx, rows) => {
-    await sql`
-      insert into attachments (conv_id, message_id, ordinal, sha256, name, content_type, size, content_id, inline)
-      select r.conv_id, r.message_id, r.ordinal, r.sha256, r.name, r.content_type, r.size, r.content_id, r.inline
-        from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb)
-          as r(conv_id bigint, message_id integer, ordinal integer, sha256 text, name text, content_type text, size bigint,
-               content_id text, inline boolean)
-      on conflict (conv_id, message_id, ordinal, sha256) do nothing`.execute(tx);
-  },
-};
+const attachmentsWriter: RowWriter<AttachmentRow> = { kind: 'attachments' };
 
 /** A row of `participants` as the log defines it (the user's flags are effects.ts's). */
 interface ParticipantRow {
@@ -290,19 +254,7 @@ interface ParticipantRow {
   last_event_ts: string | null;
 }
 
-const participantsWriter: RowWriter<ParticipantRow> = {
-  name: 'upsert participants',
-  write: async (tx, rows) => {
-    await sql`
-      insert into participants (conv_id, address, user_id, perms, added_id, head, removed_id, seen_id, last_event_ts)
-      select r.conv_id, r.address, r.user_id, r.perms, r.added_id, r.head, r.removed_id, r.seen_id, r.last_event_ts
-        from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb)
-          as r(conv_id bigint, address text, user_id bigint, perms text, added_id integer, head integer, removed_id integer,
-               seen_id integer, last_event_ts timestamptz)
-      on conflict (conv_id, address) do update set
-        perms = excluded.perms, head = excluded.head, removed_id = excluded.removed_id, seen_id = excluded.seen_id`.execute(tx);
-  },
-};
+const participantsWriter: RowWriter<ParticipantRow> = { kind: 'participants' };
 
 /** The header columns of `conversations` after a batch, and whether its search header changes. */
 type ConversationUpdate = Omit<ConversationHeader, 'created_at' | 'subject_lock'> & {
@@ -314,26 +266,7 @@ type ConversationUpdate = Omit<ConversationHeader, 'created_at' | 'subject_lock'
   search_addresses: string[] | null;
 };
 
-const conversationsWriter: RowWriter<ConversationUpdate> = {
-  name: 'update conversations',
-  write: async (tx, rows) => {
-    // Search header: subject and every participant's address (src/store/migrations/002_search.sql).
-    await sql`
-      update conversations c set
-        key = r.key, creator = r.creator, published = r.published, published_at = r.published_at, subject = r.subject,
-        subject_head = r.subject_head, subject_lock_by = r.subject_lock_by, subject_lock_at = r.subject_lock_at,
-        subject_lock_id = r.subject_lock_id, expiry = r.expiry, expiry_head = r.expiry_head, last_id = r.last_id,
-        last_hash = r.last_hash, last_ts = r.last_ts, message_count = r.message_count,
-        search_header = case when r.search_addresses is null then c.search_header
-                             else parley_search_header(r.subject, r.search_addresses) end
-        from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb)
-          as r(id bigint, key text, creator text, published boolean, published_at timestamptz, subject text, subject_head integer,
-               subject_lock_by text, subject_lock_at timestamptz, subject_lock_id integer, expiry timestamptz,
-               expiry_head integer, last_id integer, last_hash text, last_ts timestamptz, message_count integer,
-               search_addresses text[])
-       where c.id = r.id`.execute(tx);
-  },
-};
+const conversationsWriter: RowWriter<ConversationUpdate> = { kind: 'conversations' };
 
 /**
  * Persists new actions and everything the reducer touched: the actions rows, messages

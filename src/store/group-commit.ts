@@ -5,9 +5,11 @@
  * and wake-ups on both sides: docs/benchmarks.md, "Where the time goes"), and every commit
  * waits for one WAL flush. So concurrent writers that touch different conversations share
  * one transaction: each runs its own logic (its reads, the core rules) in turn inside it, the
- * rows they write are buffered ({@link writeRows}) and written as one set-based statement per
- * table just before the single COMMIT. Ten concurrent appends then cost one BEGIN, one
- * COMMIT, one flush and a handful of statements between them, instead of ten of each.
+ * rows they write are buffered ({@link writeRows}) and written just before the single
+ * COMMIT in ONE statement (`parley_write_rows`, migration 033: one set-based statement per
+ * kind of row inside it). Ten concurrent appends then cost four round trips between them —
+ * BEGIN, the shared read that locks their conversations, the writes, COMMIT — and one
+ * flush, instead of ten of each.
  *
  * Semantics, for the callers of {@link groupTransaction}:
  * - a unit of work runs in a transaction opened with `transaction()` (src/store/db.ts), so
@@ -22,40 +24,85 @@
  *   transaction (they are written just before COMMIT): a unit must not read back its own
  *   rows. Units of different keys must not write the same rows.
  */
+import { sql } from 'kysely';
 import { beforeCommit, type Db, transaction, type Tx } from './db.ts';
 
-/** A set-based statement writing many rows of one kind at once (e.g. one `insert … select from jsonb_to_recordset`). */
+/**
+ * A kind of row written set-based. Writers of the write path name a `kind` of
+ * `parley_write_rows` (migration 033_write_rows.sql): the rows of all such writers of a
+ * transaction go to PostgreSQL together, in ONE call, which writes each kind with its own
+ * statement in the order given. Other writers give `write`: their own statement.
+ */
 export interface RowWriter<R> {
-  /** For diagnostics: the table and operation. */
-  readonly name: string;
-  /** Writes `rows` (never empty) in `tx`. */
-  write(tx: Tx, rows: R[]): Promise<void>;
+  /** The kind `parley_write_rows` knows these rows by (e.g. 'actions', 'events'); or else `write`. */
+  readonly kind?: string;
+  /** For rows `parley_write_rows` does not know: writes `rows` (never empty) in `tx` with a statement of its own. */
+  write?(tx: Tx, rows: R[]): Promise<void>;
+  /**
+   * Written after the rows of every other writer of the transaction, just before COMMIT
+   * (stream events: the users' rows they lock are then held only across the commit).
+   */
+  readonly last?: boolean;
+  /** Receives what `parley_write_rows` returned for this kind once the rows are written (stream positions). */
+  written?(tx: Tx, result: unknown): Promise<void>;
 }
 
 /** Buffered rows per transaction that defers its writes, per writer in first-use order. */
 const buffers = new WeakMap<object, Map<RowWriter<unknown>, unknown[]>>();
 
 /**
+ * Writes the rows of several writers, in the order given: the consecutive ones that name a
+ * `kind` in one statement (`select parley_write_rows($1)`, one round trip), handing each
+ * what the function returned for its kind; the others with their own `write`.
+ */
+async function writeBatch(tx: Tx, items: [RowWriter<unknown>, unknown[]][]): Promise<void> {
+  for (let i = 0; i < items.length; ) {
+    const [first, firstRows] = items[i];
+    if (first.kind === undefined) {
+      await first.write!(tx, firstRows);
+      i++;
+      continue;
+    }
+    let j = i;
+    while (j < items.length && items[j][0].kind !== undefined) j++;
+    const run = items.slice(i, j);
+    i = j;
+    const batch = JSON.stringify(run.map(([w, rows]) => [w.kind, rows]));
+    const r = await sql<{ r: Record<string, unknown> }>`select parley_write_rows(${batch}::jsonb) as r`.execute(tx);
+    const out = r.rows[0]?.r ?? {};
+    for (const [w] of run) if (w.written && out[w.kind!] !== undefined) await w.written(tx, out[w.kind!]);
+  }
+}
+
+/**
  * Writes `rows` with `writer`: now, or — in a group transaction — buffered and written with
- * the rows of every other unit just before COMMIT, writers in the order they were first used
- * (so a unit that upserts participants before updating their flags keeps that order).
+ * the rows of every other unit just before COMMIT, in one statement, writers in the order
+ * they were first used (so a unit that upserts participants before updating their flags
+ * keeps that order) except those marked `last`, which come after all others.
  */
 export async function writeRows<R>(tx: Tx, writer: RowWriter<R>, rows: R[]): Promise<void> {
   if (rows.length === 0) return;
   const buffer = buffers.get(tx);
-  if (!buffer) return writer.write(tx, rows);
+  if (!buffer) return writeBatch(tx, [[writer as RowWriter<unknown>, rows]]);
   const list = buffer.get(writer as RowWriter<unknown>);
   if (list) list.push(...rows);
   else buffer.set(writer as RowWriter<unknown>, [...rows]);
 }
 
-/** Makes `tx` buffer the rows given to {@link writeRows} until just before its COMMIT. */
-function deferWrites(tx: Tx): void {
+/** True when `tx` buffers the rows given to {@link writeRows} until just before its COMMIT (a group transaction). */
+export function defersWrites(tx: Tx): boolean {
+  return buffers.has(tx);
+}
+
+/** Makes `tx` buffer the rows given to {@link writeRows} until just before its COMMIT; `written` is called after they are written. */
+function deferWrites(tx: Tx, written: () => void): void {
   const buffer = new Map<RowWriter<unknown>, unknown[]>();
   buffers.set(tx, buffer);
   beforeCommit(tx, async () => {
     buffers.delete(tx);
-    for (const [writer, rows] of buffer) await writer.write(tx, rows);
+    const items = [...buffer];
+    if (items.length > 0) await writeBatch(tx, [...items.filter(([w]) => !w.last), ...items.filter(([w]) => w.last)]);
+    written();
   });
 }
 
@@ -94,23 +141,29 @@ class UnitFailed extends Error {
 export interface GroupCommitOptions {
   /** Units per transaction at most. Default 32. */
   maxUnits?: number;
-  /** Shared transactions in progress at once (one can commit while the next runs). Default 2. */
+  /** Shared transactions in progress at once (committing ones included). Default 3. */
   maxTransactions?: number;
+  /** Of those, how many may still be running their units and writes (the others wait for their commit). Default 1. */
+  maxWorking?: number;
 }
 
 class GroupCommitter {
   private queue: Unit[] = [];
   private running = 0;
+  /** Shared transactions that have not written their rows yet (the rest are committing). */
+  private working = 0;
   private readonly inFlight = new Set<string>();
   private readonly maxUnits: number;
   private readonly maxTransactions: number;
+  private readonly maxWorking: number;
 
   constructor(
     private readonly db: Db,
     opts: GroupCommitOptions,
   ) {
     this.maxUnits = opts.maxUnits ?? 32;
-    this.maxTransactions = opts.maxTransactions ?? 2;
+    this.maxTransactions = opts.maxTransactions ?? 3;
+    this.maxWorking = opts.maxWorking ?? 1;
   }
 
   submit<T>(key: string, fn: (tx: Tx, prefetched: unknown) => Promise<T>, prefetch?: Unit['prefetch']): Promise<T> {
@@ -120,16 +173,30 @@ class GroupCommitter {
     });
   }
 
-  /** Starts shared transactions while there are runnable units and room. */
+  /**
+   * Starts shared transactions while there are runnable units and room: at most
+   * `maxWorking` still running their units, `maxTransactions` in all — so the units that
+   * queue while one transaction works go together into the next, which starts as soon as
+   * the first is only waiting for its commit (WAL flush).
+   */
   private pump(): void {
-    while (this.running < this.maxTransactions && this.queue.length > 0) {
+    while (this.running < this.maxTransactions && this.working < this.maxWorking && this.queue.length > 0) {
       const batch = this.take();
       if (batch.length === 0) return;
       this.running++;
+      this.working++;
       for (const u of batch) this.inFlight.add(u.key);
-      void this.run(batch).finally(() => {
+      let working = true;
+      const worked = () => {
+        if (!working) return;
+        working = false;
+        this.working--;
+        this.pump();
+      };
+      void this.run(batch, worked).finally(() => {
         this.running--;
         for (const u of batch) this.inFlight.delete(u.key);
+        worked();
         this.pump();
       });
     }
@@ -152,10 +219,11 @@ class GroupCommitter {
     return batch;
   }
 
-  private async run(batch: Unit[]): Promise<void> {
+  /** Runs `batch` in one transaction; `worked` is called once its rows are written (COMMIT next). */
+  private async run(batch: Unit[], worked: () => void): Promise<void> {
     try {
       const results = await transaction(this.db, async (tx) => {
-        deferWrites(tx);
+        deferWrites(tx, worked);
         const prefetched = new Map<Unit, unknown>();
         const reads = new Map<BatchRead<unknown, unknown>, Unit[]>();
         for (const u of batch) if (u.prefetch) reads.set(u.prefetch.read, [...(reads.get(u.prefetch.read) ?? []), u]);

@@ -25,7 +25,6 @@ describe('groupTransaction', () => {
   });
 
   const itemsWriter: RowWriter<{ k: string; n: number }> = {
-    name: 'insert items',
     write: async (tx, rows) => {
       await sql`insert into items (k, n, txid)
                 select r.k, r.n, txid_current() from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb) as r(k text, n integer)`.execute(tx);
