@@ -60,6 +60,12 @@ export interface ActionSource {
   quoted?: string | null;
   /** Addresses the email was sent to (To, Cc): they already have it, Parley does not resend it. */
   recipients?: string[];
+  /**
+   * The email's origination date (RFC 5322 §3.6.1 `Date`) as UTC ISO 8601 with milliseconds;
+   * null when it has none or it cannot be read. The action's `ts` is when this platform
+   * received or imported the email, never this date (signatures are judged at `ts`).
+   */
+  date?: string | null;
 }
 
 /** What a client proposes: the action without the fields the leader assigns. */

@@ -70,6 +70,7 @@ describe('parley import', () => {
   after(async () => tp.stop());
 
   it('imports a folder whose replies sort before their parent, threaded, and a second import adds nothing', async () => {
+    const startedAt = Date.now();
     const first = await importJson(tp, join(FIXTURES, 'folder'), 'owner@alpha.test');
     assert.deepEqual(
       { total: first.total, processed: first.processed, imported: first.imported, threaded: first.threaded, duplicates: first.duplicates, failed: first.failed },
@@ -89,8 +90,29 @@ describe('parley import', () => {
     assert.equal(conv.body.creator, 'bitbitch@magnesium.net');
     assert.ok(conv.body.participants.some((p: any) => p.address === 'owner@alpha.test'), 'the owner takes part in every imported conversation');
     assert.equal(list.body.items.length, 3);
-    // Imported mail keeps its date and is never emailed to anyone.
-    assert.equal(conv.body.published_at, '2002-09-06T03:41:16.000Z');
+    // Imported actions are stamped with the time of the import, not the emails' Date
+    // (signatures are judged by the key's validity at `ts`); the Date stays in source.date.
+    const published = Date.parse(conv.body.published_at);
+    assert.ok(published >= startedAt && published <= Date.now(), `published_at ${conv.body.published_at} is the time of the import`);
+    const dates = Object.fromEntries(conv.body.messages.map((m: any) => [m.author, m.source?.date]));
+    // From the fixtures' Date fields: 0506 (bitbitch, the parent), 0499, 0503, 0511.
+    assert.deepEqual(dates, {
+      'bitbitch@magnesium.net': '2002-09-06T03:41:16.000Z',
+      'cdale@techmonkeys.net': '2002-09-06T07:41:48.000Z',
+      'beberg@mithral.com': '2002-09-06T04:16:51.000Z',
+      'eugen@leitl.org': '2002-09-06T09:38:36.000Z',
+    });
+    const actions = await tp.platform.deps.db.kysely.selectFrom('actions').select('ts').execute();
+    for (const a of actions) assert.ok(new Date(a.ts).getTime() >= startedAt, `action ts ${new Date(a.ts).toISOString()} predates the import`);
+    const keys = await tp.platform.deps.db.kysely.selectFrom('platform_keys').select(['created_at', 'retired_at']).execute();
+    assert.equal(keys.filter((k) => k.retired_at === null).length, 1);
+    for (const k of keys) assert.ok(new Date(k.created_at).getTime() <= Date.now() && new Date(k.created_at).getTime() > Date.parse('2020-01-01'), 'keys are made on the wall clock');
+    // The list is still ordered by the emails' Date (latest message of each conversation), not by import order.
+    assert.deepEqual(
+      list.body.items.map((i: any) => i.subject),
+      ['[Spambayes] understanding high false negative rate', 'Re[2]: Selling Wedded Bliss (was Re: Ouch...)', 'Lyrics'],
+    );
+    // Imported mail is never emailed to anyone.
     const deliveries = await tp.platform.deps.db.kysely.selectFrom('deliveries').select('id').execute();
     assert.equal(deliveries.length, 0);
 

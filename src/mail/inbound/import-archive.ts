@@ -3,7 +3,9 @@
  * an mbox file, a Maildir, a folder of message files or a single message file is ingested
  * as if it had been received for the owner, through the same `ingestEmail` as SMTP mail
  * (mode `import`: not authenticated — DNS answers of today say nothing about old mail —,
- * stamped with the message's Date, and nobody is emailed).
+ * and nobody is emailed). Actions are stamped with the time of the import, as signed
+ * history must be (ingest-email.ts, "Time"); each message's `Date` is kept in its
+ * `source.date` and orders the conversations in the owner's list.
  *
  * **Order.** A reply can come before its parent in the archive (directory order, a
  * shuffled mbox), and threading needs the parent ingested first. So the import runs in
@@ -27,6 +29,7 @@
  * conversation the owner is in, or the same bytes for a message without Message-ID).
  */
 import { type Deps, isLocalAddress } from '../../context.ts';
+import { ensureSigningKey } from '../../federation/keys.ts';
 import { badRequest } from '../../platform/errors.ts';
 import { normalizeAddress } from '../address.ts';
 import { type Archive, type ArchiveKind, openArchive } from '../archive.ts';
@@ -117,6 +120,9 @@ export async function importArchive(deps: Deps, path: string, ownerInput: string
   if (!isLocalAddress(deps, owner)) throw badRequest('foreign_domain', `${owner} is not in this platform's domains (${deps.config.domains.join(', ')})`);
   const user = await deps.db.kysely.selectFrom('users').select('id').where('address', '=', owner).executeTakeFirst();
   if (!user) throw badRequest('unknown_owner', `no user ${owner} on this platform: create it first with \`parley user add ${owner}\``);
+  // The signing key, created or renewed now if needed, before the batches hold the pool's
+  // connections: doing it inside a batch takes one more connection.
+  await ensureSigningKey(deps);
 
   const archive = await openArchive(path);
   opts.onStart?.(archive.count, archive.kind);

@@ -15,6 +15,13 @@
  *    pass/none become warnings on the message (`source.warnings`) next to the parser's.
  *    Imported mail is not authenticated: it was received long ago, DNS answers of today
  *    say nothing about it.
+ *
+ * **Time.** Every action is stamped with the platform's clock when it is created — for an
+ * import too, not with the email's `Date`: a replica judges an action's signature by the
+ * signing key's validity at its `ts` (docs/federation.md), so history stamped before the
+ * key existed could never be replicated. The email's `Date` is kept in the message's
+ * `source.date`, and an imported message orders its conversation in its local
+ * participants' lists by that date (`participants.last_event_ts`), as the archive did.
  * 4. **Thread or create**, in ONE transaction with the `email_messages` rows and the
  *    `inbound_emails` status update (see {@link ingestEmail} for the rules).
  *
@@ -64,10 +71,10 @@ export interface Envelope {
 /** How a message reaches {@link ingestEmail}. */
 export interface IngestOptions {
   /**
-   * `smtp` (default): authenticated with SPF/DKIM/DMARC, actions stamped with the time of
-   * receipt. `import`: not authenticated, actions stamped with the message's Date (never in
-   * the future; receipt time when it has none), and no outbound email at all (an archive is
-   * history: nobody is mailed because of it).
+   * `smtp` (default): authenticated with SPF/DKIM/DMARC. `import`: not authenticated, no
+   * outbound email at all (an archive is history: nobody is mailed because of it), and the
+   * conversation ordered by the message's Date in its local participants' lists. Either
+   * way actions are stamped with the time of receipt/import; the Date is `source.date`.
    */
   mode?: 'smtp' | 'import';
   /** DNS resolver for authentication; default: `offlineResolver` when config.dnsOffline, else a shared `createResolver` (config.dnsTimeoutMs). */
@@ -176,7 +183,7 @@ export interface PreparedEmail {
   message: MessageParts | null;
   files: FileRef[];
   auth: EmailAuthentication | null;
-  /** The clock of its actions (import: the message's Date). */
+  /** The clock of its actions: the platform's (`deps.clock`), for an import too. */
   clock: Clock;
 }
 
@@ -213,7 +220,6 @@ export async function prepareEmail(deps: Deps, raw: Buffer, envelope: Envelope, 
     p.problem = classify(deps, e, null);
     return p;
   }
-  if (mode === 'import') p.clock = messageClock(deps.clock, p.parsed.date);
   return p;
 }
 
@@ -403,16 +409,18 @@ function buildMessage(parsed: ParsedEmail, auth: EmailAuthentication | null, ext
   let quoted = parsed.quoted === null ? null : storableText(parsed.quoted);
   if (quoted !== null && quoted.length > LIMITS.bodyChars) quoted = quoted.slice(0, LIMITS.bodyChars);
   const recipients = [...new Set([...parsed.to, ...parsed.cc].map((m) => m.address))];
+  const at = parsed.date?.getTime();
+  const date = at !== undefined && Number.isFinite(at) ? new Date(at).toISOString() : null;
   return {
     body,
-    source: { kind: 'email', message_id: parsed.messageId === null ? null : storableText(parsed.messageId), warnings, quoted, recipients },
+    source: { kind: 'email', message_id: parsed.messageId === null ? null : storableText(parsed.messageId), warnings, quoted, recipients, date },
   };
 }
 
-/** Time of an imported message's actions: its Date header (never later than now), else now. */
-function messageClock(clock: Clock, date: Date | null): Clock {
+/** An imported message's place in its participants' lists: its Date, never later than now; null without a Date. */
+function sortTime(date: Date | null, clock: Clock): string | null {
   const at = date?.getTime();
-  return { now: () => (at !== undefined && Number.isFinite(at) ? Math.min(at, clock.now()) : clock.now()) };
+  return at !== undefined && Number.isFinite(at) ? new Date(Math.min(at, clock.now())).toISOString() : null;
 }
 
 /** A retry's clock: a conversation key includes the publish time, so a collision retries a few ms later. */
@@ -635,19 +643,28 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
           sql<string[]>`array(select a.address from participants a
                                where a.conv_id = c.id and a.removed_id is null and a.perms in ('write', 'full') order by a.added_id)`.as('able'),
         )
+        // An import orders the conversation by the email's Date (sortRows below): the local participants' list times before it.
+        .select(
+          sql<Record<string, string> | null>`case when ${c.quiet}::boolean then (select jsonb_object_agg(q.address, q.last_event_ts)
+                                                 from participants q where q.conv_id = c.id and q.user_id is not null) end`.as('sort_before'),
+        )
         .where(sql<boolean>`c.id = any(${targetIds}::bigint[])`)
         .orderBy('c.id')
         .forUpdate('c')
         .execute()
     : [];
+  /** Import: the conversations whose local participants' list time becomes the email's Date (unless later already). */
+  const sortRows: { conv_id: number; before: Record<string, string> }[] = [];
+  const sentAt = c.quiet ? sortTime(parsed.date, deps.clock) : null;
   const lockedById = new Map(lockedRows.map((r) => [r.id, r]));
   try {
     for (const convId of targetIds) {
       const t = targets.get(convId)!;
       const locked = lockedById.get(convId);
       if (!locked) throw new Error(`conversation ${convId} vanished`);
-      const { sender_address: senderAddress, sender_removed_id: senderRemovedId, able, ...conv } = locked;
+      const { sender_address: senderAddress, sender_removed_id: senderRemovedId, able, sort_before: sortBefore, ...conv } = locked;
       let row: ConversationRow = conv;
+      if (sentAt !== null) sortRows.push({ conv_id: convId, before: sortBefore ?? {} });
       if (senderAddress !== null && senderRemovedId !== null) {
         throw new Unprocessable(`the sender ${sender} was removed from conversation ${t.key} and cannot add to it`);
       }
@@ -707,6 +724,7 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
       });
       const added = r.actions.find((a) => a.act === 'message:add')!;
       for (const a of r.actions) quiet.push([r.id, a.id]);
+      if (sentAt !== null) sortRows.push({ conv_id: r.id, before: {} });
       recorded.push([r.id, added.id]);
       created.push(r.key);
       firstConv ??= r.id;
@@ -716,8 +734,10 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
   }
 
   // One statement: withdraw any outbound email of the quiet actions (organisation routing
-  // is the only thing that can still create one), record the Message-ID, mark the raw
-  // message ingested.
+  // is the only thing that can still create one), record the Message-ID, order an imported
+  // conversation by the email's Date in its local participants' lists (those this message
+  // touched: their time is now the import's; an earlier time of theirs that is later than
+  // the Date stays), mark the raw message ingested.
   const inConv = mid === null ? [] : recorded.map(([conv]) => conv);
   const inAction = mid === null ? [] : recorded.map(([, id]) => id);
   await sql`
@@ -727,7 +747,11 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
          received as (
            insert into email_messages (conv_id, message_id, direction, action_id)
            select conv_id, ${mid}::text, 'in', action_id from unnest(${inConv}::bigint[], ${inAction}::int[]) as r(conv_id, action_id)
-           on conflict (conv_id, message_id) do nothing)
+           on conflict (conv_id, message_id) do nothing),
+         sorted as (
+           update participants p set last_event_ts = greatest(s.sent, (s.before ->> p.address)::timestamptz)
+             from jsonb_to_recordset(${JSON.stringify(sortRows.map((r) => ({ ...r, sent: sentAt })))}::jsonb) as s(conv_id bigint, sent timestamptz, before jsonb)
+            where p.conv_id = s.conv_id and p.user_id is not null and p.last_event_ts is distinct from (s.before ->> p.address)::timestamptz)
     update inbound_emails set status = 'ingested', conv_id = ${firstConv}, error = null, auth = ${authJson(c.auth)}::jsonb
      where id = ${c.inboundId}`.execute(tx);
   return { inboundId: c.inboundId, status: 'ingested', created, threaded };
