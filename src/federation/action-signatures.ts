@@ -21,6 +21,7 @@ import type { Deps } from '../context.ts';
 import type { Queryable } from '../store/db.ts';
 import { CLOCK_SKEW_S, type KeyResolver, parseKeyId } from './http-signatures.ts';
 import { type SigningKey, activeSigningKey } from './keys.ts';
+import { type SignatureJob, verifyOnWorker } from './verify-pool.ts';
 
 /** The context string signed before the hash (domain separation from request signatures). */
 export const ACTION_SIG_CONTEXT = 'parley-action-v1:';
@@ -147,13 +148,47 @@ function remember(memo: string, publicKey: KeyObject): void {
   verified.set(memo, { publicKey, at: Date.now() });
 }
 
+/** Batches at least this large have their signatures checked on the worker thread (verify-pool.ts). */
+const WORKER_BATCH = 32;
+/** Raw public keys (base64url) of key objects, for the worker. */
+const rawKeys = new WeakMap<KeyObject, string>();
+
 /**
  * Checks the Ed25519 signatures of received actions ahead of {@link verifyLog} — outside the
- * transaction that will store them, while an earlier batch is being stored — and remembers
- * the valid ones, so that verifyLog's signature step is a lookup. Invalid or unverifiable
- * signatures are not remembered: verifyLog finds and reports them. Never throws.
+ * transaction that will store them, while an earlier batch is being stored, and for batches
+ * of {@link WORKER_BATCH} or more on a worker thread (verify-pool.ts, the other core) — and
+ * remembers the valid ones, so that verifyLog's signature step is a lookup. Invalid or
+ * unverifiable signatures are not remembered: verifyLog finds and reports them. Never throws.
  */
 export async function preverifySignatures(actions: readonly Action[], resolveKey: KeyResolver): Promise<void> {
+  if (actions.length >= WORKER_BATCH) {
+    const jobs: SignatureJob[] = [];
+    const keys: KeyObject[] = [];
+    const memos: string[] = [];
+    for (const a of actions) {
+      if (!a || typeof a !== 'object' || typeof a.hash !== 'string' || typeof a.sig !== 'string') continue;
+      const s = parseActionSig(a.sig);
+      if (!s) continue;
+      const key = await resolveKey(s.keyId).catch(() => null);
+      if (!key) continue;
+      const memo = `${a.hash}|${a.sig}`;
+      const known = verified.get(memo);
+      if (known && known.publicKey === key.publicKey) continue;
+      let raw = rawKeys.get(key.publicKey);
+      if (!raw) rawKeys.set(key.publicKey, (raw = (key.publicKey.export({ format: 'jwk' }) as { x: string }).x));
+      jobs.push({ publicKey: raw, message: ACTION_SIG_CONTEXT + a.hash, signature: a.sig.slice(a.sig.lastIndexOf(':') + 1) });
+      keys.push(key.publicKey);
+      memos.push(memo);
+    }
+    if (jobs.length === 0) return;
+    try {
+      const ok = await verifyOnWorker(jobs);
+      ok.forEach((v, i) => v && remember(memos[i], keys[i]));
+      return;
+    } catch {
+      /* no worker: verify here */
+    }
+  }
   for (const a of actions) {
     if (!a || typeof a !== 'object' || typeof a.hash !== 'string') continue;
     try {
