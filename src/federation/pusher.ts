@@ -350,25 +350,33 @@ class Lane {
       await this.failAll([...this.held.values()], why);
       return;
     }
+    // The cursors saved after a push, while the next one is read (one round trip less per cycle).
+    let saving: Promise<void> = Promise.resolve();
     try {
       while (!this.isStopped() && this.held.size > 0) {
         if (Date.now() < this.legacyUntil) {
+          await saving;
           await this.pushLegacy();
           break;
         }
-        const entries = await readPending(this.deps, this.platform, [...this.held.values()]);
+        const [entries] = await Promise.all([readPending(this.deps, this.platform, [...this.held.values()]), saving]);
         if (entries.length === 0) break;
-        await this.pushEntries(url, entries);
+        ({ saving } = await this.pushEntries(url, entries));
       }
+      await saving;
     } finally {
+      await saving.catch(() => {});
       const rest = [...this.held.values()];
       this.held.clear();
       await saveLinks(this.deps, this.platform, rest.map((link) => ({ link, error: null, release: true })));
     }
   }
 
-  /** One multi-conversation push of `entries` and what its answers make of their links. */
-  private async pushEntries(url: string, entries: PendingEntry[]): Promise<void> {
+  /**
+   * One multi-conversation push of `entries` and what its answers make of their links.
+   * @returns the saving of the links' new cursors, under way (failures are saved before it returns)
+   */
+  private async pushEntries(url: string, entries: PendingEntry[]): Promise<{ saving: Promise<void> }> {
     const body = `{"conversations":[${entries.map((e) => `{"key":"${e.link.row.key}","actions":[${e.actions.join(',')}]}`).join(',')}]}`;
     let status = 0;
     let text = '';
@@ -378,7 +386,7 @@ class Lane {
       text = await r.text();
     } catch (e) {
       await this.failAll(entries.map((e) => e.link), `${this.platform}: ${(e as Error).message}`);
-      return;
+      return { saving: Promise.resolve() };
     }
     let answer: { results?: ({ key?: unknown } & EntryAnswer)[] } | null = null;
     try {
@@ -390,11 +398,11 @@ class Lane {
       // A platform without the multi-conversation push (an older implementation).
       this.deps.log.info({ platform: this.platform }, 'the platform has no multi-conversation push; pushing one conversation per request');
       this.legacyUntil = Date.now() + LEGACY_PUSH_MEMORY_MS;
-      return;
+      return { saving: Promise.resolve() };
     }
     if (status !== 200 || !Array.isArray(answer?.results)) {
       await this.failAll(entries.map((e) => e.link), `${this.platform} answered ${status}: ${text.slice(0, 500)}`);
-      return;
+      return { saving: Promise.resolve() };
     }
     const byKey = new Map(answer!.results.map((x) => [x.key, x]));
     const updates: LinkUpdate[] = [];
@@ -416,7 +424,9 @@ class Lane {
         updates.push(this.failure(link, why));
       }
     }
-    await saveLinks(this.deps, this.platform, updates);
+    const saving = saveLinks(this.deps, this.platform, updates);
+    saving.catch(() => {}); // awaited by the lane; not an unhandled rejection meanwhile
+    return { saving };
   }
 
   /** The single-conversation push of every held link, one after the other (a platform without `POST /federation/v1/push`). */

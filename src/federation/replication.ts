@@ -15,7 +15,7 @@ import { applyAction, emptyState, referencedMessages } from '../core/reducer.ts'
 import { type Deps, isLocalAddress, primaryDomain } from '../context.ts';
 import { AppError, forbidden } from '../platform/errors.ts';
 import { beforeCommit, isUniqueViolation, transaction, type Tx } from '../store/db.ts';
-import { groupTransaction } from '../store/group-commit.ts';
+import { type BatchRead, groupTransactionWith } from '../store/group-commit.ts';
 import { localUserIds, storeActions } from '../conversations/append.ts';
 import { recordEffects } from '../conversations/effects.ts';
 import { type ConversationRow, insertConversation, loadedParticipantRows, loadState, lockConversation, persistState } from '../conversations/store.ts';
@@ -92,7 +92,7 @@ export async function receiveActions(deps: Deps, leader: string, key: string, ac
       // writes for all of them — a multi-conversation push applies its entries this way). A
       // batch from action 1 may create the conversation: alone, as local creations are.
       if (actions[0].id === 1) return await transaction(deps.db, (tx) => receiveInTx(tx, deps, leader, key, actions));
-      return await groupTransaction(deps.db, key, (tx) => receiveInTx(tx, deps, leader, key, actions));
+      return await groupTransactionWith(deps.db, key, lockReceived, key, (tx, row) => receiveInTx(tx, deps, leader, key, actions, row));
     } catch (e) {
       // Two batches creating the same conversation at once: the second one sees it next time.
       if (attempt < 2 && isUniqueViolation(e)) continue;
@@ -101,8 +101,22 @@ export async function receiveActions(deps: Deps, leader: string, key: string, ac
   }
 }
 
-async function receiveInTx(tx: Tx, deps: Deps, leader: string, key: string, actions: Action[]): Promise<Received> {
-  const row = await lockConversation(tx, key);
+/**
+ * Locks the conversations of all the batches a shared transaction receives, in one
+ * statement (in id order) before any of them runs: each gets its row, or null when it is
+ * not known here.
+ */
+const lockReceived: BatchRead<string, ConversationRow | null> = {
+  name: 'lock received conversations',
+  async read(tx, keys) {
+    const rows = await tx.selectFrom('conversations').selectAll().where('key', 'in', keys).orderBy('id').forUpdate().execute();
+    const byKey = new Map(rows.map((r) => [r.key, r]));
+    return keys.map((k) => byKey.get(k) ?? null);
+  },
+};
+
+async function receiveInTx(tx: Tx, deps: Deps, leader: string, key: string, actions: Action[], locked?: ConversationRow | null): Promise<Received> {
+  const row = locked !== undefined ? (locked ?? undefined) : await lockConversation(tx, key);
   if (!row) {
     if (actions[0].id !== 1) throw new UnknownConversation(key);
     return createReplica(tx, deps, leader, key, actions);
