@@ -104,9 +104,16 @@ describe('parley import', () => {
     });
     const actions = await tp.platform.deps.db.kysely.selectFrom('actions').select('ts').execute();
     for (const a of actions) assert.ok(new Date(a.ts).getTime() >= startedAt, `action ts ${new Date(a.ts).toISOString()} predates the import`);
-    const keys = await tp.platform.deps.db.kysely.selectFrom('platform_keys').select(['created_at', 'retired_at']).execute();
-    assert.equal(keys.filter((k) => k.retired_at === null).length, 1);
-    for (const k of keys) assert.ok(new Date(k.created_at).getTime() <= Date.now() && new Date(k.created_at).getTime() > Date.parse('2020-01-01'), 'keys are made on the wall clock');
+    // A replica accepts an action's signature when a key of the platform was valid at its ts.
+    const keys = await tp.platform.deps.db.kysely.selectFrom('platform_keys').select(['created_at', 'not_after', 'retired_at']).execute();
+    assert.equal(keys.filter((k) => k.retired_at === null).length, 1, 'the import rotated no key');
+    for (const a of actions) {
+      const at = new Date(a.ts).getTime();
+      assert.ok(
+        keys.some((k) => new Date(k.created_at).getTime() <= at && at <= new Date(k.not_after).getTime()),
+        `no key was valid at ${new Date(a.ts).toISOString()}`,
+      );
+    }
     // The list is still ordered by the emails' Date (latest message of each conversation), not by import order.
     assert.deepEqual(
       list.body.items.map((i: any) => i.subject),

@@ -50,6 +50,7 @@ import { AppError } from '../../platform/errors.ts';
 import type { Tx } from '../../store/db.ts';
 import { isUniqueViolation, transaction } from '../../store/db.ts';
 import type { EmailAuthentication } from '../authenticate.ts';
+import { noteActiveKeyId } from '../../federation/keys.ts';
 import { createResolver, type MailResolver, offlineResolver } from '../dns.ts';
 import { normalizeAddress } from '../address.ts';
 import { suppressEmails } from '../outbound/enqueue.ts';
@@ -290,25 +291,77 @@ async function commitOne(deps: Deps, p: PreparedEmail): Promise<IngestResult> {
 
 /**
  * The batch transaction: every raw row in one statement; every message's Message-ID lock
- * (in key order: batches never deadlock on them) and the users among all recipients in
- * another; then each message in turn. `at.index` tells which message threw.
+ * (in key order: batches never deadlock on them), the users among all recipients and the
+ * active signing key's id in another; the recorded emails that every message names
+ * (duplicates and threads, {@link lookupKnown}) in a third, once the locks are held; then
+ * each message in turn. `at.index` tells which message threw.
  */
 async function commitBatch(tx: Tx, deps: Deps, batch: PreparedEmail[], at: { index: number }): Promise<IngestResult[]> {
   const ids = await storeRawRows(tx, batch);
   const keys = uniq(batch.map((p) => lockKeyOf(p.parsed!, p.sha256))).sort();
   const addresses = uniq(batch.flatMap((p) => userAddressesOf(deps, p.envelope)));
-  const r = await sql<{ users: string[] }>`
-    select array(select address from users where address = any(${addresses}::text[])) as users
+  const r = await sql<{ users: string[]; key_id: string | null }>`
+    select array(select address from users where address = any(${addresses}::text[])) as users,
+           (select key_id from platform_keys where retired_at is null limit 1) as key_id
       from (select count(pg_advisory_xact_lock(hashtextextended(s.k, 0)))
               from (select k from unnest(${keys}::text[]) as k order by k) s) l`.execute(tx);
+  // Signing the batch's actions then needs no read of platform_keys per append (keys.ts).
+  if (r.rows[0].key_id) noteActiveKeyId(tx, r.rows[0].key_id);
   const users = new Set(r.rows[0].users);
+  // A statement of its own: it must see what other transactions committed while this one waited for the locks.
+  const rows = await lookupKnown(tx, uniq(batch.flatMap((p) => lookupIdsOf(p.parsed!).lookup)), [...users]);
+  const prefetched: Prefetched = { byMessageId: new Map(), recordedIds: new Set(), touched: new Set() };
+  for (const row of rows) {
+    const list = prefetched.byMessageId.get(row.message_id);
+    if (list) list.push(row);
+    else prefetched.byMessageId.set(row.message_id, [row]);
+  }
   const out: IngestResult[] = [];
   for (let k = 0; k < batch.length; k++) {
     at.index = k;
-    out.push(await applyEmail(tx, { ...deps, clock: batch[k].clock }, { ...contextOf(batch[k], ids[k]), users }));
+    out.push(await applyEmail(tx, { ...deps, clock: batch[k].clock }, { ...contextOf(batch[k], ids[k]), users, prefetched }));
   }
   at.index = -1;
   return out;
+}
+
+/** A recorded email (`email_messages`) with a local recipient's active participation in its conversation (`address`, else null). */
+interface KnownRow {
+  conv_id: number;
+  message_id: string;
+  key: string;
+  published: boolean;
+  address: string | null;
+}
+
+/** What a batch read of {@link lookupKnown} holds, and what the batch changed since (so a message knows when to read again). */
+interface Prefetched {
+  byMessageId: Map<string, KnownRow[]>;
+  /** Message-IDs recorded by earlier messages of the batch. */
+  recordedIds: Set<string>;
+  /** Conversations earlier messages of the batch created or added to. */
+  touched: Set<number>;
+}
+
+/** The Message-ID (storable) and the ids looked up for a message: its own, then In-Reply-To, then References latest first (at most 200). */
+function lookupIdsOf(parsed: ParsedEmail): { mid: string | null; ids: string[]; lookup: string[] } {
+  const mid = parsed.messageId === null ? null : storableText(parsed.messageId);
+  const ids = uniq([...parsed.inReplyTo, ...[...parsed.references].reverse()].map(storableText))
+    .filter((id) => id !== mid)
+    .slice(0, 200);
+  return { mid, ids, lookup: mid !== null ? [mid, ...ids] : ids };
+}
+
+/** Every recorded email with one of these Message-IDs, with each of `locals` who actively takes part in its conversation (one row each, or one row with a null address). */
+async function lookupKnown(tx: Tx, lookup: string[], locals: string[]): Promise<KnownRow[]> {
+  if (lookup.length === 0) return [];
+  return tx
+    .selectFrom('email_messages as em')
+    .innerJoin('conversations as cv', 'cv.id', 'em.conv_id')
+    .leftJoin('participants as p', (j) => j.onRef('p.conv_id', '=', 'em.conv_id').on(sql<boolean>`p.address = any(${locals}::text[])`).on('p.removed_id', 'is', null))
+    .select(['em.conv_id', 'em.message_id', 'cv.key', 'cv.published', 'p.address'])
+    .where(sql<boolean>`em.message_id = any(${lookup}::text[])`)
+    .execute();
 }
 
 function contextOf(p: PreparedEmail, inboundId: number): IngestContext {
@@ -451,6 +504,8 @@ interface IngestContext {
   inboundId: number;
   /** Set in a batch: the users among the batch's recipients, the Message-ID locks already held. */
   users?: Set<string>;
+  /** Set in a batch: the recorded emails the batch's messages name, read once for all (commitBatch). */
+  prefetched?: Prefetched;
   sha256: string;
   envelope: Envelope;
   parsed: ParsedEmail;
@@ -475,7 +530,7 @@ function userAddressesOf(deps: Deps, envelope: Envelope): string[] {
 }
 
 /** Sorts and dedupes addresses. */
-const uniq = (xs: string[]): string[] => [...new Set(xs)];
+const uniq = <T,>(xs: T[]): T[] => [...new Set(xs)];
 
 /** The sender: From, else Sender, else the envelope MAIL FROM. */
 function senderOf(deps: Deps, parsed: ParsedEmail, envelope: Envelope): string {
@@ -516,22 +571,17 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
   if (locals.length === 0 && replyConvs.length === 0) throw new Unprocessable('none of the recipients is a user or conversation of this platform');
 
   // Every recorded email with this Message-ID or one it names, with the local recipients'
-  // active participation in its conversation: duplicates and threads in one query.
-  const ids = uniq([...parsed.inReplyTo, ...[...parsed.references].reverse()].map(storableText))
-    .filter((id) => id !== mid)
-    .slice(0, 200);
-  const lookup = mid !== null ? [mid, ...ids] : ids;
-  const known = lookup.length
-    ? await tx
-        .selectFrom('email_messages as em')
-        .innerJoin('conversations as cv', 'cv.id', 'em.conv_id')
-        .leftJoin('participants as p', (j) =>
-          j.onRef('p.conv_id', '=', 'em.conv_id').on(sql<boolean>`p.address = any(${locals}::text[])`).on('p.removed_id', 'is', null),
-        )
-        .select(['em.conv_id', 'em.message_id', 'cv.key', 'cv.published', 'p.address'])
-        .where(sql<boolean>`em.message_id = any(${lookup}::text[])`)
-        .execute()
-    : [];
+  // active participation in its conversation: duplicates and threads in one query — or
+  // the batch's read of them (commitBatch), unless an earlier message of the batch recorded
+  // one of these ids or changed one of those conversations since: then read again.
+  const { ids, lookup } = lookupIdsOf(parsed);
+  const pre = c.prefetched;
+  const fromBatch = pre && !lookup.some((id) => pre.recordedIds.has(id)) ? lookup.flatMap((id) => pre.byMessageId.get(id) ?? []) : null;
+  const known =
+    fromBatch && !fromBatch.some((r) => pre!.touched.has(r.conv_id))
+      ? // The batch read the participation of every recipient of the batch: keep this message's.
+        fromBatch.map((r) => (r.address === null || locals.includes(r.address) ? r : { ...r, address: null }))
+      : await lookupKnown(tx, lookup, locals);
 
   // Duplicates.
   const done = new Set<string>();
@@ -740,10 +790,14 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
   // the Date stays), mark the raw message ingested.
   const inConv = mid === null ? [] : recorded.map(([conv]) => conv);
   const inAction = mid === null ? [] : recorded.map(([, id]) => id);
+  // The `conv_id = any(…)` conditions let the planner use the indexes whatever it guesses of the joined sets.
+  const quietConvs = uniq(quiet.map(([conv]) => conv));
   await sql`
     with quiet as (select * from unnest(${quiet.map(([conv]) => conv)}::bigint[], ${quiet.map(([, id]) => id)}::int[]) as q(conv_id, action_id)),
-         withdrawn as (delete from deliveries d using quiet q where d.conv_id = q.conv_id and d.action_id = q.action_id),
-         unsent as (delete from email_messages e using quiet q where e.direction = 'out' and e.conv_id = q.conv_id and e.action_id = q.action_id),
+         withdrawn as (delete from deliveries d using quiet q
+                        where d.conv_id = any(${quietConvs}::bigint[]) and d.conv_id = q.conv_id and d.action_id = q.action_id),
+         unsent as (delete from email_messages e using quiet q
+                     where e.conv_id = any(${quietConvs}::bigint[]) and e.direction = 'out' and e.conv_id = q.conv_id and e.action_id = q.action_id),
          received as (
            insert into email_messages (conv_id, message_id, direction, action_id)
            select conv_id, ${mid}::text, 'in', action_id from unnest(${inConv}::bigint[], ${inAction}::int[]) as r(conv_id, action_id)
@@ -751,9 +805,14 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
          sorted as (
            update participants p set last_event_ts = greatest(s.sent, (s.before ->> p.address)::timestamptz)
              from jsonb_to_recordset(${JSON.stringify(sortRows.map((r) => ({ ...r, sent: sentAt })))}::jsonb) as s(conv_id bigint, sent timestamptz, before jsonb)
-            where p.conv_id = s.conv_id and p.user_id is not null and p.last_event_ts is distinct from (s.before ->> p.address)::timestamptz)
+            where p.conv_id = any(${sortRows.map((r) => r.conv_id)}::bigint[]) and p.conv_id = s.conv_id and p.user_id is not null
+              and p.last_event_ts is distinct from (s.before ->> p.address)::timestamptz)
     update inbound_emails set status = 'ingested', conv_id = ${firstConv}, error = null, auth = ${authJson(c.auth)}::jsonb
      where id = ${c.inboundId}`.execute(tx);
+  if (c.prefetched) {
+    for (const [conv] of recorded) c.prefetched.touched.add(conv);
+    if (mid !== null) c.prefetched.recordedIds.add(mid);
+  }
   return { inboundId: c.inboundId, status: 'ingested', created, threaded };
 }
 
