@@ -148,8 +148,8 @@ function remember(memo: string, publicKey: KeyObject): void {
   verified.set(memo, { publicKey, at: Date.now() });
 }
 
-/** Batches at least this large have their signatures checked on the worker thread (verify-pool.ts). */
-const WORKER_BATCH = 32;
+/** Batches at least this large have their signatures checked on the worker thread (verify-pool.ts): below it, the hand-over costs about what it saves. */
+const WORKER_BATCH = 8;
 /** Raw public keys (base64url) of key objects, for the worker. */
 const rawKeys = new WeakMap<KeyObject, string>();
 
