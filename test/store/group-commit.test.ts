@@ -1,12 +1,15 @@
 /**
  * Group commit (src/store/group-commit.ts): units of different keys share a transaction and
  * buffer their row writes until just before COMMIT; a failing unit gets its own error and
- * costs the others nothing; units of one key run one after the other.
+ * costs the others nothing; units of one key run one after the other; the stream events of
+ * the units of a shared transaction, written by parley_write_rows, are numbered per user.
  */
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { sql } from 'kysely';
-import { type Db, openDb } from '../../src/store/db.ts';
+import { type Db, openDb, transaction } from '../../src/store/db.ts';
+import { migrate } from '../../src/store/migrate.ts';
+import { appendEvents } from '../../src/streams/store.ts';
 import { type BatchRead, type RowWriter, groupTransaction, groupTransactionWith, writeRows } from '../../src/store/group-commit.ts';
 import { createTestDatabase } from '../support/db.ts';
 
@@ -98,5 +101,64 @@ describe('groupTransaction', () => {
     assert.deepEqual(results, keys.map((k) => `${k}:${k.length}`));
     assert.deepEqual(calls.flat().sort(), [...keys].sort(), 'every argument read exactly once');
     assert.ok(calls.length < keys.length, `${keys.length} units, ${calls.length} reads`);
+  });
+});
+
+describe('stream events in shared transactions (parley_write_rows)', () => {
+  let db: Db;
+  let drop: () => Promise<void>;
+  let u1 = 0;
+  let u2 = 0;
+  const convs = new Map<string, number>();
+  before(async () => {
+    const t = await createTestDatabase();
+    drop = t.drop;
+    db = openDb(t.url, 4);
+    await migrate(db.pool);
+    const users = await sql<{ id: number; address: string }>`
+      insert into users (address) values ('u1@alpha.test'), ('u2@alpha.test') returning id, address`.execute(db.kysely);
+    u1 = users.rows.find((u) => u.address === 'u1@alpha.test')!.id;
+    u2 = users.rows.find((u) => u.address === 'u2@alpha.test')!.id;
+    for (const key of ['c1', 'c2', 'c3', 'c4']) {
+      const r = await sql<{ id: number }>`
+        insert into conversations (key, creator, leader, created_at) values (${key}, 'u1@alpha.test', 'alpha.test', now()) returning id`.execute(db.kysely);
+      convs.set(key, r.rows[0].id);
+    }
+  });
+  after(async () => {
+    await db.close();
+    await drop();
+  });
+
+  it("numbers each user's events gapless, in the order each unit appended them, across the units of shared transactions", async () => {
+    const keys = ['c1', 'c2', 'c3', 'c4'];
+    await Promise.all(
+      keys.map((key) =>
+        groupTransaction(db, key, async (tx) => {
+          const convId = convs.get(key)!;
+          await appendEvents(tx, [
+            { userId: u1, convId, kind: 'flags', payload: { key, n: 1 } },
+            { userId: u2, convId, kind: 'flags', payload: { key, n: 1 } },
+          ]);
+          await appendEvents(tx, [{ userId: u1, convId, kind: 'flags', payload: { key, n: 2 } }]);
+        }),
+      ),
+    );
+    // An ordinary transaction afterwards continues the same numbering.
+    await transaction(db, (tx) => appendEvents(tx, [{ userId: u1, convId: convs.get('c1')!, kind: 'labels', payload: { key: 'after', n: 1 } }]));
+    const events = (
+      await sql<{ user_id: number; seq: number; payload: { key: string; n: number } }>`
+        select user_id, seq, payload from user_events order by user_id, seq`.execute(db.kysely)
+    ).rows;
+    const mine = events.filter((e) => e.user_id === u1);
+    assert.deepEqual(mine.map((e) => e.seq), [1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    for (const key of keys) {
+      const ns = mine.filter((e) => e.payload.key === key).map((e) => e.payload.n);
+      assert.deepEqual(ns, [1, 2], `${key}'s events in the order appended`);
+    }
+    assert.equal(mine[8].payload.key, 'after');
+    assert.deepEqual(events.filter((e) => e.user_id === u2).map((e) => e.seq), [1, 2, 3, 4]);
+    const seqs = await sql<{ id: number; stream_seq: number }>`select id, stream_seq from users order by id`.execute(db.kysely);
+    assert.deepEqual(new Map(seqs.rows.map((r) => [r.id, r.stream_seq])), new Map([[u1, 9], [u2, 4]]));
   });
 });
