@@ -14,7 +14,7 @@
  *   (spawn) → B's copy of the conversation has A's last action, read from B's database.
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { readFileSync, rmSync } from 'node:fs';
+import { appendFileSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
 // @ts-expect-error — a plain ES module without types (scripts/cli-bundle.mjs)
@@ -114,7 +114,7 @@ async function startMember(m: Member, routes: string): Promise<void> {
       PARLEY_DOMAINS: m.domain,
       PARLEY_DATA_DIR: m.dataDir,
       PARLEY_DNS_OFFLINE: '1',
-      PARLEY_LOG_LEVEL: 'warn',
+      PARLEY_LOG_LEVEL: process.env.BENCH_FEDERATION_LOG_LEVEL ?? 'warn',
       PARLEY_HTTP_PORT: String(m.port),
       PARLEY_HTTP_HOST: '127.0.0.1',
       PARLEY_BASE_URL: m.base,
@@ -123,9 +123,12 @@ async function startMember(m: Member, routes: string): Promise<void> {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   const tail: string[] = [];
+  // BENCH_FEDERATION_LOG_DIR: every line of each platform's output to <dir>/<domain>.log (with BENCH_FEDERATION_LOG_LEVEL=info, e.g., request times).
+  const logDir = process.env.BENCH_FEDERATION_LOG_DIR;
   for (const s of [child.stdout, child.stderr]) {
     s?.setEncoding('utf8');
     s?.on('data', (d: string) => {
+      if (logDir) appendFileSync(join(logDir, `${m.domain}.log`), d);
       for (const line of d.split('\n').filter(Boolean)) {
         tail.push(line);
         if (tail.length > 30) tail.shift();

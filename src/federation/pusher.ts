@@ -28,6 +28,7 @@ import { MAX_PUSH_ACTIONS } from './hooks.ts';
 import { FEDERATION_CHANNEL } from './outbox.ts';
 import { attemptProposal, claimProposal, federationBackoffMs } from './proposals.ts';
 import { backfillFrom, platformUrl } from './replication.ts';
+import { warmVerifyWorker } from './verify-pool.ts';
 import { primaryDomain } from '../context.ts';
 
 /** Lease of a claimed link, in ms: a worker killed mid-push frees it after this. */
@@ -499,6 +500,7 @@ export async function startFederationWorker(deps: Deps, opts: { pollMs?: number 
   await listener.query(`LISTEN ${FEDERATION_CHANNEL}`);
   const timer = setInterval(runner.kick, opts.pollMs ?? 1000);
   runner.kick();
+  warmVerifyWorker(); // the catch-up's first page is checked on it
   const catchingUp = catchUpReplicas(deps, () => stopped).catch((e) => deps.log.warn({ err: e }, 'catch-up at start failed'));
   const allIdle = async () => {
     await runner.idle();
