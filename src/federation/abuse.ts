@@ -291,10 +291,21 @@ export interface ReceivedBatch {
  * @throws AppError 400 | 403 | 404 | 413 as {@link checkBatch}
  */
 export async function checkPeerBatch(deps: Deps, peer: VerifiedPeer | { platform: string }, batch: ReceivedBatch): Promise<void> {
-  checkPeerAllowed(deps, peer.platform);
-  const maxBody = deps.config.federationMaxBodyBytes ?? 10 * 1024 * 1024;
-  if (batch.bytes > maxBody) throw tooLarge(`the body is larger than ${maxBody} bytes`, { max_bytes: maxBody });
+  checkPeerRequest(deps, peer.platform, batch.bytes);
   await checkBatch(deps, peer.platform, batch.key, batch.actions, batch.kind);
+}
+
+/**
+ * The request-level checks of a received body: the allow/deny lists (403 platform_denied)
+ * and `federationMaxBodyBytes` (413 too_large). A multi-conversation push makes them once
+ * for the request, then checks each entry's batch with {@link checkPeerBatch} and `bytes` 0.
+ * @param bytes the request body's size, bytes (0 for a page this platform fetched)
+ * @throws AppError 403 platform_denied | 413 too_large
+ */
+export function checkPeerRequest(deps: Deps, platform: string, bytes: number): void {
+  checkPeerAllowed(deps, platform);
+  const maxBody = deps.config.federationMaxBodyBytes ?? 10 * 1024 * 1024;
+  if (bytes > maxBody) throw tooLarge(`the body is larger than ${maxBody} bytes`, { max_bytes: maxBody });
 }
 
 /**

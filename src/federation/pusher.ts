@@ -378,7 +378,7 @@ class Lane {
    * @returns the saving of the links' new cursors, under way (failures are saved before it returns)
    */
   private async pushEntries(url: string, entries: PendingEntry[]): Promise<{ saving: Promise<void> }> {
-    const body = `{"conversations":[${entries.map((e) => `{"key":"${e.link.row.key}","actions":[${e.actions.join(',')}]}`).join(',')}]}`;
+    const body = `{"conversations":[${entries.map((e) => `{"key":${JSON.stringify(e.link.row.key)},"actions":[${e.actions.join(',')}]}`).join(',')}]}`;
     let status = 0;
     let text = '';
     try {

@@ -12,10 +12,10 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { sql } from 'kysely';
 import { type Deps, primaryDomain } from '../context.ts';
-import { conflict, forbidden, notFound, tooLarge } from '../platform/errors.ts';
+import { conflict, forbidden, notFound } from '../platform/errors.ts';
 import { findConversation, readActions } from '../conversations/store.ts';
 import { checkPeerBatch, fetchMissingBlobs, MAX_PUSH_ACTIONS } from './hooks.ts';
-import { checkPeerAllowed } from './abuse.ts';
+import { checkPeerRequest } from './abuse.ts';
 import { FEDERATION_CHANNEL, samePlatform } from './outbox.ts';
 import { acceptProposal } from './proposals.ts';
 import { batchOf, pushEntriesOf, receivePushed, receivePushEntries } from './replication.ts';
@@ -31,13 +31,6 @@ const BatchBody = { description: '`{"actions": [<action>, …]}`: 1 to 500 conse
 const PULL_QUIET_MS = 2000;
 
 const bodySize = (req: FastifyRequest) => (Buffer.isBuffer(req.body) ? req.body.length : 0);
-
-/** The request-level abuse checks of a multi-conversation push: allow/deny lists and the body size. */
-async function checkBodyOnce(deps: Deps, peer: { platform: string }, bytes: number): Promise<void> {
-  checkPeerAllowed(deps, peer.platform);
-  const maxBody = deps.config.federationMaxBodyBytes ?? 10 * 1024 * 1024;
-  if (bytes > maxBody) throw tooLarge(`the body is larger than ${maxBody} bytes`, { max_bytes: maxBody });
-}
 
 /** Registers the replication routes in the federation scope (src/federation/routes.ts). */
 export async function replicationRoutes(scope: FastifyInstance, deps: Deps, auth: (req: FastifyRequest) => Promise<void>): Promise<void> {
@@ -102,7 +95,7 @@ export async function replicationRoutes(scope: FastifyInstance, deps: Deps, auth
     const peer = req.peer!;
     const entries = pushEntriesOf(verifiedJson(req));
     // The body limit and the allow/deny lists, once for the request (the entries are checked again, without the size).
-    await checkBodyOnce(deps, peer, bodySize(req));
+    checkPeerRequest(deps, peer.platform, bodySize(req));
     return { results: await receivePushEntries(deps, peer, entries) };
   });
 
