@@ -184,8 +184,6 @@ export interface PreparedEmail {
   message: MessageParts | null;
   files: FileRef[];
   auth: EmailAuthentication | null;
-  /** The clock of its actions: the platform's (`deps.clock`), for an import too. */
-  clock: Clock;
 }
 
 /**
@@ -197,7 +195,7 @@ export interface PreparedEmail {
 export async function prepareEmail(deps: Deps, raw: Buffer, envelope: Envelope, opts: IngestOptions = {}): Promise<PreparedEmail> {
   const mode = opts.mode ?? 'smtp';
   const { sha256 } = await deps.blobs.put(raw);
-  const p: PreparedEmail = { raw, sha256, envelope, mode, problem: null, parsed: null, message: null, files: [], auth: null, clock: deps.clock };
+  const p: PreparedEmail = { raw, sha256, envelope, mode, problem: null, parsed: null, message: null, files: [], auth: null };
   try {
     p.parsed = await parseEmail(raw);
   } catch (e) {
@@ -276,7 +274,7 @@ async function commitOne(deps: Deps, p: PreparedEmail): Promise<IngestResult> {
   try {
     for (let attempt = 1; ; attempt++) {
       try {
-        const attemptDeps: Deps = { ...deps, clock: attempt === 1 ? p.clock : offsetClock(p.clock, attempt) };
+        const attemptDeps: Deps = attempt === 1 ? deps : { ...deps, clock: offsetClock(deps.clock, attempt) };
         return await transaction(deps.db, (tx) => applyEmail(tx, attemptDeps, contextOf(p, inboundId)));
       } catch (e) {
         if (attempt < MAX_ATTEMPTS && isRetryable(e)) continue;
@@ -319,7 +317,7 @@ async function commitBatch(tx: Tx, deps: Deps, batch: PreparedEmail[], at: { ind
   const out: IngestResult[] = [];
   for (let k = 0; k < batch.length; k++) {
     at.index = k;
-    out.push(await applyEmail(tx, { ...deps, clock: batch[k].clock }, { ...contextOf(batch[k], ids[k]), users, prefetched }));
+    out.push(await applyEmail(tx, deps, { ...contextOf(batch[k], ids[k]), users, prefetched }));
   }
   at.index = -1;
   return out;
