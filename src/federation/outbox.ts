@@ -160,18 +160,21 @@ export function noteRecipients(tx: Queryable, convId: number, remote: Set<string
  * the participant's `added_id` is the same; a participant added since (here or by another
  * process) is not in it, and the rows are read again.
  */
-const classified = new Map<number, Map<string, { added: number; platform: string | null }>>();
+const classifiedByDb = new WeakMap<object, Map<number, Map<string, { added: number; platform: string | null }>>>();
 const CLASSIFIED_MAX = 50_000;
 
 /**
  * Works out, for an append to a conversation this platform leads that adds no remote
  * participant, which of its participants are remote (replicated to, never emailed) — from
- * {@link classified}, else from federation_participants — and notes it for
+ * the per-database cache above, else from federation_participants — and notes it for
  * {@link federatedRecipients} in `tx`.
  */
 async function rememberRecipients(tx: Tx, deps: Deps, convId: number, s: ConversationState): Promise<void> {
   const others = [...s.participants.values()].filter((p) => !isLocalAddress(deps, p.address));
   if (others.length === 0) return;
+  // Per database: conversation ids are only unique within one (tests run several platforms in a process).
+  let classified = classifiedByDb.get(deps.db);
+  if (!classified) classifiedByDb.set(deps.db, (classified = new Map()));
   let known = classified.get(convId);
   if (!known || others.some((p) => known!.get(p.address)?.added !== p.added_id)) {
     const rows = await participantPlatforms(tx, convId);
