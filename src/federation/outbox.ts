@@ -122,7 +122,8 @@ export async function trackReplication(tx: Tx, deps: Deps, convId: number, s: Co
     }
   }
   // Links for platforms with an active participant again (new, or re-added after a removal).
-  const active = remoteAdds.length > 0 ? await participantPlatforms(tx, convId) : new Map<string, string>();
+  // Only platforms in `changed` can reopen: without any (e.g. the email bridge's adds) nothing is read.
+  const active = changed.size > 0 ? await participantPlatforms(tx, convId) : new Map<string, string>();
   const reopen = [...new Set([...active].filter(([addr]) => s.participants.get(addr)?.removed_id === null).map(([, p]) => p))].filter((p) => changed.has(p));
   if (reopen.length > 0) {
     await sql`

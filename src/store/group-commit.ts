@@ -94,6 +94,29 @@ export function defersWrites(tx: Tx): boolean {
   return buffers.has(tx);
 }
 
+/**
+ * Makes a plain transaction buffer the rows given to {@link writeRows} as a group
+ * transaction does (written just before its COMMIT), so that a caller writing several
+ * appends in turn (inbound mail: ingest-email.ts) can send them with {@link flushWrites}
+ * in one statement instead of one per writer. The caller must flush before it reads back
+ * rows it wrote.
+ */
+export function bufferWrites(tx: Tx): void {
+  if (!buffers.has(tx)) deferWrites(tx, () => {});
+}
+
+/**
+ * Writes the rows buffered in `tx` now, in one statement — except those of `last`
+ * writers (stream events), which stay buffered until just before COMMIT.
+ */
+export async function flushWrites(tx: Tx): Promise<void> {
+  const buffer = buffers.get(tx);
+  if (!buffer) return;
+  const items = [...buffer].filter(([w]) => !w.last);
+  for (const [w] of items) buffer.delete(w);
+  if (items.length > 0) await writeBatch(tx, items);
+}
+
 /** Makes `tx` buffer the rows given to {@link writeRows} until just before its COMMIT; `written` is called after they are written. */
 function deferWrites(tx: Tx, written: () => void): void {
   const buffer = new Map<RowWriter<unknown>, unknown[]>();

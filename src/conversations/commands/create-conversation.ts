@@ -95,7 +95,8 @@ export async function insertNewConversation(
   // Remote participants get the log by replication (this platform leads what it creates);
   // recorded before the effects, which must not email them.
   await trackReplication(tx, deps, id, state, log);
-  await recordEffects(tx, deps, id, state, log, false);
+  // Every participant is new: their rows (default flags) need not be read back.
+  await recordEffects(tx, deps, id, state, log, false, { rows: new Map(), newUserIds: userIds });
   return { id, key: state.header!.key, actions: log, state };
 }
 

@@ -28,8 +28,11 @@
  * **Batches** ({@link prepareEmail} + {@link commitEmails}): several prepared messages are
  * committed in ONE transaction — their `inbound_emails` rows (raw message) inserted by one
  * statement, then each message threaded or created in turn (a later message sees what an
- * earlier one of the batch recorded), the stream events of all of them written by one
- * statement before the single COMMIT. The raw message is then committed together with
+ * earlier one of the batch recorded). The rows of their appends are buffered (group-commit.ts
+ * bufferWrites) and, with every message's closing work (Message-IDs recorded, inbound rows
+ * marked), written by two statements for the whole batch ({@link settle}) — earlier when a
+ * message is about to read a conversation that a pending one changed — and the stream
+ * events of all of them by one statement before the single COMMIT. The raw message is then committed together with
  * its conversation, which is still "before 250": nothing is acknowledged before that
  * COMMIT. If a message fails the batch, the transaction rolls back, that message goes
  * through the one-message path (raw row committed first, retries, `failed` with the
@@ -44,11 +47,14 @@ import { LIMITS } from '../../core/actions.ts';
 import { type Deps, isLocalAddress } from '../../context.ts';
 import { appendActions } from '../../conversations/append.ts';
 import { insertNewConversation } from '../../conversations/commands/create-conversation.ts';
-import type { ConversationRow } from '../../conversations/store.ts';
+import { type ConversationRow, preloadParticipants } from '../../conversations/store.ts';
 import type { Clock } from '../../platform/clock.ts';
 import { AppError } from '../../platform/errors.ts';
 import type { Tx } from '../../store/db.ts';
+import type { ParticipantsTable } from '../../store/schema.ts';
+import type { Selectable } from 'kysely';
 import { isUniqueViolation, transaction } from '../../store/db.ts';
+import { bufferWrites, flushWrites } from '../../store/group-commit.ts';
 import type { EmailAuthentication } from '../authenticate.ts';
 import { noteActiveKeyId } from '../../federation/keys.ts';
 import { createResolver, type MailResolver, offlineResolver } from '../dns.ts';
@@ -275,7 +281,13 @@ async function commitOne(deps: Deps, p: PreparedEmail): Promise<IngestResult> {
     for (let attempt = 1; ; attempt++) {
       try {
         const attemptDeps: Deps = attempt === 1 ? deps : { ...deps, clock: offsetClock(deps.clock, attempt) };
-        return await transaction(deps.db, (tx) => applyEmail(tx, attemptDeps, contextOf(p, inboundId)));
+        return await transaction(deps.db, async (tx) => {
+          bufferWrites(tx);
+          const pending = newPending();
+          const r = await applyEmail(tx, attemptDeps, { ...contextOf(p, inboundId), pending });
+          await settle(tx, pending);
+          return r;
+        });
       } catch (e) {
         if (attempt < MAX_ATTEMPTS && isRetryable(e)) continue;
         throw e;
@@ -295,6 +307,7 @@ async function commitOne(deps: Deps, p: PreparedEmail): Promise<IngestResult> {
  * each message in turn. `at.index` tells which message threw.
  */
 async function commitBatch(tx: Tx, deps: Deps, batch: PreparedEmail[], at: { index: number }): Promise<IngestResult[]> {
+  bufferWrites(tx);
   const ids = await storeRawRows(tx, batch);
   const keys = uniq(batch.map((p) => lockKeyOf(p.parsed!, p.sha256))).sort();
   const addresses = uniq(batch.flatMap((p) => userAddressesOf(deps, p.envelope)));
@@ -315,11 +328,13 @@ async function commitBatch(tx: Tx, deps: Deps, batch: PreparedEmail[], at: { ind
     else prefetched.byMessageId.set(row.message_id, [row]);
   }
   const out: IngestResult[] = [];
+  const pending = newPending();
   for (let k = 0; k < batch.length; k++) {
     at.index = k;
-    out.push(await applyEmail(tx, deps, { ...contextOf(batch[k], ids[k]), users, prefetched }));
+    out.push(await applyEmail(tx, deps, { ...contextOf(batch[k], ids[k]), users, prefetched, pending }));
   }
   at.index = -1;
+  await settle(tx, pending);
   return out;
 }
 
@@ -362,7 +377,7 @@ async function lookupKnown(tx: Tx, lookup: string[], locals: string[]): Promise<
     .execute();
 }
 
-function contextOf(p: PreparedEmail, inboundId: number): IngestContext {
+function contextOf(p: PreparedEmail, inboundId: number): Omit<IngestContext, 'pending'> {
   return {
     inboundId,
     sha256: p.sha256,
@@ -512,6 +527,8 @@ interface IngestContext {
   auth: EmailAuthentication | null;
   /** No outbound email at all (import). */
   quiet: boolean;
+  /** What earlier messages of the transaction left to write ({@link settle}); this one adds to it. */
+  pending: Pending;
 }
 
 /**
@@ -579,7 +596,7 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
     fromBatch && !fromBatch.some((r) => pre!.touched.has(r.conv_id))
       ? // The batch read the participation of every recipient of the batch: keep this message's.
         fromBatch.map((r) => (r.address === null || locals.includes(r.address) ? r : { ...r, address: null }))
-      : await lookupKnown(tx, lookup, locals);
+      : await settleIfAny(tx, c.pending, () => true).then(() => lookupKnown(tx, lookup, locals));
 
   // Duplicates.
   const done = new Set<string>();
@@ -590,6 +607,8 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
       if (r.address) done.add(r.address);
     }
   } else {
+    // Reads the inbound rows: those of earlier messages of the batch must be written first.
+    await settleIfAny(tx, c.pending, () => c.pending.inbound.length > 0);
     const same = await tx
       .selectFrom('inbound_emails')
       .select('rcpt_to')
@@ -607,6 +626,7 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
 
   // Local recipients taking part in a replied-to conversation are covered by it.
   if (targets.size > 0 && remaining.length > 0) {
+    await settleIfAny(tx, c.pending, () => [...targets.keys()].some((id) => c.pending.touched.has(id)));
     const inReplied = await tx
       .selectFrom('participants')
       .select(['conv_id', 'address'])
@@ -637,11 +657,7 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
   }
 
   if (targets.size === 0 && remaining.length === 0) {
-    await tx
-      .updateTable('inbound_emails')
-      .set({ status: 'duplicate', error: null, auth: authJson(c.auth) })
-      .where('id', '=', c.inboundId)
-      .execute();
+    c.pending.inbound.push({ id: c.inboundId, status: 'duplicate', conv_id: null, auth: authJson(c.auth) });
     return {
       inboundId: c.inboundId,
       status: 'duplicate',
@@ -678,51 +694,54 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
   };
 
   // Lock every target conversation first, in id order (no deadlock with other writers),
-  // with the sender's participation in each: one statement.
+  // with all its participants (handed to the append's loadState, which then reads none):
+  // one statement. The ids go through a sub-select so the prepared statement keeps one
+  // generic plan (apply-actions.ts lockConversationsForActors says why).
   const targetIds = [...targets.keys()].sort((a, b) => a - b);
+  // A conversation an earlier message of the batch changed: its rows and closing first.
+  await settleIfAny(tx, c.pending, () => targetIds.some((id) => c.pending.touched.has(id)));
   const lockedRows = targetIds.length
-    ? await tx
-        .selectFrom('conversations as c')
-        .leftJoin('participants as p', (j) => j.onRef('p.conv_id', '=', 'c.id').on('p.address', '=', sender))
-        .selectAll('c')
-        .select(['p.address as sender_address', 'p.removed_id as sender_removed_id'])
-        // Who may add the sender (chooseAdder): active participants with write permission, earliest first.
-        .select(
-          sql<string[]>`array(select a.address from participants a
-                               where a.conv_id = c.id and a.removed_id is null and a.perms in ('write', 'full') order by a.added_id)`.as('able'),
-        )
-        // An import orders the conversation by the email's Date (sortRows below): the local participants' list times before it.
-        .select(
-          sql<Record<string, string> | null>`case when ${c.quiet}::boolean then (select jsonb_object_agg(q.address, q.last_event_ts)
-                                                 from participants q where q.conv_id = c.id and q.user_id is not null) end`.as('sort_before'),
-        )
-        .where(sql<boolean>`c.id = any(${targetIds}::bigint[])`)
-        .orderBy('c.id')
-        .forUpdate('c')
-        .execute()
+    ? (
+        await sql<ConversationRow & { p_all: Selectable<ParticipantsTable>[] }>`
+          select c.*, (select coalesce(json_agg(pa), '[]') from participants pa where pa.conv_id = c.id) as p_all
+            from conversations c
+           where c.id = any((select ${targetIds}::bigint[])::bigint[])
+           order by c.id
+             for update of c`.execute(tx)
+      ).rows
     : [];
   /** Import: the conversations whose local participants' list time becomes the email's Date (unless later already). */
-  const sortRows: { conv_id: number; before: Record<string, string> }[] = [];
+  const sortRows: { conv_id: number; before: Record<string, string | null> }[] = [];
   const sentAt = c.quiet ? sortTime(parsed.date, deps.clock) : null;
-  const lockedById = new Map(lockedRows.map((r) => [r.id, r]));
+  const lockedById = new Map(lockedRows.map((r) => [Number(r.id), r]));
   try {
     for (const convId of targetIds) {
       const t = targets.get(convId)!;
       const locked = lockedById.get(convId);
       if (!locked) throw new Error(`conversation ${convId} vanished`);
-      const { sender_address: senderAddress, sender_removed_id: senderRemovedId, able, sort_before: sortBefore, ...conv } = locked;
+      const { p_all: parts, ...conv } = locked;
       let row: ConversationRow = conv;
-      if (sentAt !== null) sortRows.push({ conv_id: convId, before: sortBefore ?? {} });
-      if (senderAddress !== null && senderRemovedId !== null) {
+      preloadParticipants(row, parts);
+      // An import orders the conversation by the email's Date (the closing statement): the local participants' list times before it.
+      if (sentAt !== null) sortRows.push({ conv_id: convId, before: Object.fromEntries(parts.filter((p) => p.user_id !== null).map((p) => [p.address, p.last_event_ts as unknown as string | null])) });
+      const senderPart = parts.find((p) => p.address === sender);
+      if (senderPart && senderPart.removed_id !== null) {
         throw new Unprocessable(`the sender ${sender} was removed from conversation ${t.key} and cannot add to it`);
       }
-      if (senderAddress === null) {
+      if (!senderPart) {
+        // Who may add the sender (chooseAdder): active participants with write permission, earliest first.
+        const able = parts
+          .filter((p) => p.removed_id === null && (p.perms === 'write' || p.perms === 'full'))
+          .sort((a, b) => a.added_id - b.added_id)
+          .map((p) => p.address);
         const adder = chooseAdder(row, able, t.locals);
         // The sender has the email they wrote; the others hear of them through the message:
         // no outbound email (suppressEmails), and withdrawn below should anything slip through.
         suppressEmails(tx, 'all');
         const { actions } = await appendActions(tx, deps, row, adder, [{ act: 'participant:add', participant: sender, perms: 'write' }]);
         for (const a of actions) quiet.push([convId, a.id]);
+        // Its rows were buffered (bufferWrites): written now, to be read back.
+        await flushWrites(tx);
         row = await tx.selectFrom('conversations').selectAll().where('id', '=', convId).executeTakeFirstOrThrow();
       }
       // An imported message emails nobody; organisation routing (a contact's reply) still applies.
@@ -780,33 +799,15 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
   } finally {
     suppressEmails(tx, null);
   }
-
-  // One statement: withdraw any outbound email of the quiet actions (organisation routing
-  // is the only thing that can still create one), record the Message-ID, order an imported
-  // conversation by the email's Date in its local participants' lists (those this message
-  // touched: their time is now the import's; an earlier time of theirs that is later than
-  // the Date stays), mark the raw message ingested.
-  const inConv = mid === null ? [] : recorded.map(([conv]) => conv);
-  const inAction = mid === null ? [] : recorded.map(([, id]) => id);
-  // The `conv_id = any(…)` conditions let the planner use the indexes whatever it guesses of the joined sets.
-  const quietConvs = uniq(quiet.map(([conv]) => conv));
-  await sql`
-    with quiet as (select * from unnest(${quiet.map(([conv]) => conv)}::bigint[], ${quiet.map(([, id]) => id)}::int[]) as q(conv_id, action_id)),
-         withdrawn as (delete from deliveries d using quiet q
-                        where d.conv_id = any(${quietConvs}::bigint[]) and d.conv_id = q.conv_id and d.action_id = q.action_id),
-         unsent as (delete from email_messages e using quiet q
-                     where e.conv_id = any(${quietConvs}::bigint[]) and e.direction = 'out' and e.conv_id = q.conv_id and e.action_id = q.action_id),
-         received as (
-           insert into email_messages (conv_id, message_id, direction, action_id)
-           select conv_id, ${mid}::text, 'in', action_id from unnest(${inConv}::bigint[], ${inAction}::int[]) as r(conv_id, action_id)
-           on conflict (conv_id, message_id) do nothing),
-         sorted as (
-           update participants p set last_event_ts = greatest(s.sent, (s.before ->> p.address)::timestamptz)
-             from jsonb_to_recordset(${JSON.stringify(sortRows.map((r) => ({ ...r, sent: sentAt })))}::jsonb) as s(conv_id bigint, sent timestamptz, before jsonb)
-            where p.conv_id = any(${sortRows.map((r) => r.conv_id)}::bigint[]) and p.conv_id = s.conv_id and p.user_id is not null
-              and p.last_event_ts is distinct from (s.before ->> p.address)::timestamptz)
-    update inbound_emails set status = 'ingested', conv_id = ${firstConv}, error = null, auth = ${authJson(c.auth)}::jsonb
-     where id = ${c.inboundId}`.execute(tx);
+  // What is left — the buffered rows of this message's appends (bufferWrites) and its
+  // closing statement — is written with the other messages' (settle), at the end of the
+  // batch or before a later message of the batch reads what this one changed.
+  const p = c.pending;
+  for (const [conv, id] of quiet) p.quiet.push([conv, id]);
+  if (mid !== null) for (const [conv, id] of recorded) p.received.push({ conv_id: conv, message_id: mid, action_id: id });
+  for (const r of sortRows) p.sort.push({ ...r, sent: sentAt });
+  p.inbound.push({ id: c.inboundId, status: 'ingested', conv_id: firstConv, auth: authJson(c.auth) });
+  for (const [conv] of recorded) p.touched.add(conv);
   if (c.prefetched) {
     for (const [conv] of recorded) c.prefetched.touched.add(conv);
     if (mid !== null) c.prefetched.recordedIds.add(mid);
@@ -819,8 +820,73 @@ function uniqBy<T>(xs: T[], key: (x: T) => string): T[] {
   return xs.filter((x) => (seen.has(key(x)) ? false : (seen.add(key(x)), true)));
 }
 
-function authJson(auth: EmailAuthentication | null): string | null {
-  return auth ? JSON.stringify({ spf: auth.spf, dkim: auth.dkim, dmarc: auth.dmarc }) : null;
+function authJson(auth: EmailAuthentication | null): Pick<EmailAuthentication, 'spf' | 'dkim' | 'dmarc'> | null {
+  return auth ? { spf: auth.spf, dkim: auth.dkim, dmarc: auth.dmarc } : null;
+}
+
+/**
+ * What the messages of a transaction have left to write, once each has run its rules: its
+ * appends' rows stay buffered (bufferWrites) and its closing statement waits here, so that
+ * a batch writes them all with two statements ({@link settle}) instead of several per message.
+ */
+interface Pending {
+  /** Actions whose outbound email is withdrawn (conv id, action id). */
+  quiet: [number, number][];
+  /** Message-IDs recorded as received. */
+  received: { conv_id: number; message_id: string; action_id: number }[];
+  /** Import: participants' list times set to the email's Date (`sent`) unless later before (`before`, per local address). */
+  sort: { conv_id: number; before: Record<string, string | null>; sent: string | null }[];
+  /** The inbound rows' outcome. */
+  inbound: { id: number; status: 'ingested' | 'duplicate'; conv_id: number | null; auth: ReturnType<typeof authJson> }[];
+  /** Conversations those messages changed: a message reading one of them settles first. */
+  touched: Set<number>;
+}
+
+function newPending(): Pending {
+  return { quiet: [], received: [], sort: [], inbound: [], touched: new Set() };
+}
+
+/**
+ * Writes what `p` holds: the buffered rows (flushWrites: one statement; stream events stay
+ * buffered until just before COMMIT), then one statement that withdraws any outbound email
+ * of the quiet actions (organisation routing is the only thing that can still create one),
+ * records the Message-IDs, orders imported conversations by the email's Date in their local
+ * participants' lists (those the messages touched: their time is now the import's; an
+ * earlier time of theirs later than the Date stays), and marks the raw messages ingested
+ * or duplicate. Two messages of one settle never touch the same conversation (applyEmail
+ * settles before it reads one that a pending message changed).
+ */
+async function settle(tx: Tx, p: Pending): Promise<void> {
+  await flushWrites(tx);
+  if (p.inbound.length === 0) return;
+  // The `conv_id = any(…)` conditions let the planner use the indexes whatever it guesses of the joined sets.
+  const quietConvs = uniq(p.quiet.map(([conv]) => conv));
+  await sql`
+    with quiet as (select * from unnest(${p.quiet.map(([conv]) => conv)}::bigint[], ${p.quiet.map(([, id]) => id)}::int[]) as q(conv_id, action_id)),
+         withdrawn as (delete from deliveries d using quiet q
+                        where d.conv_id = any(${quietConvs}::bigint[]) and d.conv_id = q.conv_id and d.action_id = q.action_id),
+         unsent as (delete from email_messages e using quiet q
+                     where e.conv_id = any(${quietConvs}::bigint[]) and e.direction = 'out' and e.conv_id = q.conv_id and e.action_id = q.action_id),
+         received as (
+           insert into email_messages (conv_id, message_id, direction, action_id)
+           select conv_id, message_id, 'in', action_id
+             from unnest(${p.received.map((r) => r.conv_id)}::bigint[], ${p.received.map((r) => r.message_id)}::text[], ${p.received.map((r) => r.action_id)}::int[])
+                  as r(conv_id, message_id, action_id)
+           on conflict (conv_id, message_id) do nothing),
+         sorted as (
+           update participants p set last_event_ts = greatest(s.sent, (s.before ->> p.address)::timestamptz)
+             from jsonb_to_recordset(${JSON.stringify(p.sort)}::jsonb) as s(conv_id bigint, sent timestamptz, before jsonb)
+            where p.conv_id = any(${p.sort.map((r) => r.conv_id)}::bigint[]) and p.conv_id = s.conv_id and p.user_id is not null
+              and p.last_event_ts is distinct from (s.before ->> p.address)::timestamptz)
+    update inbound_emails i set status = u.status, conv_id = u.conv_id, error = null, auth = u.auth
+      from jsonb_to_recordset(${JSON.stringify(p.inbound)}::jsonb) as u(id bigint, status text, conv_id bigint, auth jsonb)
+     where i.id = any(${p.inbound.map((r) => r.id)}::bigint[]) and i.id = u.id`.execute(tx);
+  Object.assign(p, newPending());
+}
+
+/** {@link settle}s `p` first when something is pending and `needed()` says a read depends on it. */
+async function settleIfAny(tx: Tx, p: Pending, needed: () => boolean): Promise<void> {
+  if ((p.inbound.length > 0 || p.touched.size > 0) && needed()) await settle(tx, p);
 }
 
 /**
