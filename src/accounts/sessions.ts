@@ -1,4 +1,4 @@
-import { createHash, randomBytes } from 'node:crypto';
+import { hash, randomBytes } from 'node:crypto';
 import type { Deps } from '../context.ts';
 import type { Queryable } from '../store/db.ts';
 
@@ -13,7 +13,7 @@ export interface AuthUser {
 /** Name of the session cookie of browsers. */
 export const SESSION_COOKIE = 'parley_session';
 
-const tokenHash = (token: string) => createHash('sha256').update(token).digest('hex');
+const tokenHash = (token: string) => hash('sha256', token, 'hex');
 
 /**
  * Creates a session: a random 256-bit secret token (returned once, stored only as its
@@ -52,7 +52,12 @@ export async function createSession(
  */
 export const SESSION_CACHE_MS = 1000;
 const SESSION_CACHE_MAX = 10_000;
-/** Resolved sessions by token hash, per database handle (one platform). */
+/**
+ * Resolved sessions by token, per database handle (one platform). Keyed by the token itself,
+ * not its SHA-256, so that a hit costs one map lookup: hashing every request's token was the
+ * larger part of authenticating it (docs/benchmarks.md). The tokens stay in this process's
+ * memory only, where every request's token passes anyway; the database keeps hashes alone.
+ */
 const sessionCaches = new WeakMap<object, Map<string, { user: AuthUser; until: number }>>();
 
 function sessionCache(deps: Deps): Map<string, { user: AuthUser; until: number }> {
@@ -79,11 +84,11 @@ function forgetSessions(deps: Deps, pred: (u: AuthUser) => boolean): void {
  */
 export async function resolveSession(deps: Deps, token: string): Promise<AuthUser | null> {
   if (!token || token.length > 200) return null;
-  const hash = tokenHash(token);
   const now = deps.clock.now();
   const cache = sessionCache(deps);
-  const hit = cache.get(hash);
+  const hit = cache.get(token);
   if (hit && hit.until > now) return hit.user;
+  const hash = tokenHash(token);
   const row = await deps.db.kysely
     .selectFrom('sessions')
     .innerJoin('users', 'users.id', 'sessions.user_id')
@@ -91,7 +96,7 @@ export async function resolveSession(deps: Deps, token: string): Promise<AuthUse
     .where('sessions.token_hash', '=', hash)
     .executeTakeFirst();
   if (!row || row.revoked_at || new Date(row.expires_at).getTime() <= now || row.status === 'suspended') {
-    cache.delete(hash);
+    cache.delete(token);
     return null;
   }
   // Refresh last_seen_at at most once a minute (cheap on the hot path).
@@ -100,7 +105,7 @@ export async function resolveSession(deps: Deps, token: string): Promise<AuthUse
   }
   const user = { id: row.id, address: row.address, isAdmin: row.is_admin, sessionId: row.sid };
   if (cache.size >= SESSION_CACHE_MAX) cache.clear();
-  cache.set(hash, { user, until: Math.min(now + SESSION_CACHE_MS, new Date(row.expires_at).getTime()) });
+  cache.set(token, { user, until: Math.min(now + SESSION_CACHE_MS, new Date(row.expires_at).getTime()) });
   return user;
 }
 

@@ -1,4 +1,4 @@
-import { canonicalJson, sha256Hex } from './canonical.ts';
+import { canonicalJsonOmitting, sha256Hex } from './canonical.ts';
 
 /**
  * The action types of a conversation log (PRODUCT.md §1; em2 seeds 000/001 "Event types").
@@ -110,11 +110,14 @@ export interface Action extends ActionInput {
 
 export type UnsealedAction = Omit<Action, 'hash' | 'sig'>;
 
+/** The fields of an action its hash does not cover. */
+const NOT_HASHED: ReadonlySet<string> = new Set(['hash', 'sig']);
+
 /** The hash of an action: SHA-256 of its canonical JSON without `hash` and `sig`. */
 export function hashAction(a: UnsealedAction | Action): string {
-  const { hash: _h, sig: _s, ...rest } = a as Action;
-  return sha256Hex(canonicalJson(rest));
+  return sha256Hex(canonicalJsonOmitting(a as unknown as Record<string, unknown>, NOT_HASHED));
 }
+
 
 /** Adds `hash` to an action. */
 export function sealAction(a: UnsealedAction): Action {

@@ -31,7 +31,10 @@ type LockOutcome = { row: ConversationRow } | { error: AppError };
  * (never a participant, or someone else's draft), 403 `removed` after their removal. The
  * same statement reads every participant (handed to loadState: store.ts
  * preloadParticipants) and the id of the platform's active signing key (federation/keys.ts
- * noteActiveKeyId), so an append needs no other read before it writes.
+ * noteActiveKeyId), so an append needs no other read before it writes. Every column of the
+ * conversation but `search_header` is read: that tsvector (of the subject and the
+ * participants) is of no use to a write, which recomputes it in SQL when it changes, and
+ * would be formatted as text and parsed on every append.
  *
  * The keys are read through a sub-select (`any((select $1)::text[])`) so that PostgreSQL
  * estimates every call alike and keeps one generic plan for the prepared statement: with
@@ -41,7 +44,10 @@ type LockOutcome = { row: ConversationRow } | { error: AppError };
 export async function lockConversationsForActors(tx: Tx, reqs: { key: string; user: Actor }[]): Promise<LockOutcome[]> {
   const keys = [...new Set(reqs.map((r) => r.key))];
   const r = await sql<LockedRow>`
-    select c.*, (select coalesce(json_agg(pa), '[]') from participants pa where pa.conv_id = c.id) as p_all,
+    select c.id, c.key, c.draft_key, c.creator, c.leader, c.published, c.published_at, c.created_at, c.subject,
+           c.subject_head, c.subject_lock_by, c.subject_lock_at, c.subject_lock_id, c.expiry, c.expiry_head, c.last_id,
+           c.last_hash, c.last_ts, c.message_count, c.org_id,
+           (select coalesce(json_agg(pa), '[]') from participants pa where pa.conv_id = c.id) as p_all,
            (select k.key_id from platform_keys k where k.retired_at is null limit 1) as active_key_id
       from conversations c
      where c.key = any((select ${keys}::text[])::text[]) or c.draft_key = any((select ${keys}::text[])::text[])
