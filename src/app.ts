@@ -7,11 +7,10 @@ import { systemClock, type Clock } from './platform/clock.ts';
 import { BlobStore } from './platform/blobs.ts';
 import { openDatabase } from './store/open.ts';
 import type { Deps } from './context.ts';
-import { buildServer } from './http/server.ts';
-import { routeModules } from './http/routes.ts';
-import { startRealtime, type Realtime } from './streams/realtime.ts';
+import type { Realtime } from './streams/realtime.ts';
 import { startRoleServices, type RoleServices } from './roles.ts';
 import { ensureSigningKey } from './federation/keys.ts';
+import { type EarlyServer, listenEarly } from './http/early.ts';
 
 export { openDatabase };
 
@@ -32,7 +31,15 @@ export interface Platform {
 
 /**
  * Starts a platform process with the given roles: `web` (HTTP API + websocket), `worker`
- * (deliveries), `smtp` (inbound mail). Stops everything it started on `stop()`.
+ * (deliveries, federation), `smtp` (inbound mail). Stops everything it started on `stop()`.
+ *
+ * Order (issue 3, Done means 5: a replica catching up after an outage counts its own
+ * start): the database and the signing key; the web role's port, open at once
+ * (src/http/early.ts: it serves the keys document a leader needs to verify this platform's
+ * requests, and holds every other request); the worker and smtp roles — the federation
+ * worker asks its leaders for what it missed right away; then the HTTP API is loaded and
+ * built, and takes over the port (the held requests first). The modules only the web role
+ * needs (Fastify, the route modules) are loaded after the worker has started.
  */
 export async function startPlatform(
   config: Config,
@@ -50,22 +57,35 @@ export async function startPlatform(
     blobs: new BlobStore(join(resolve(config.dataDir), 'blobs')),
   };
   let http: FastifyInstance | null = null;
+  let early: EarlyServer | null = null;
   let realtime: Realtime | null = null;
   let httpPort: number | null = null;
   let services: RoleServices | null = null;
   try {
     await ensureSigningKey(deps); // the platform identity, generated at first start (docs/federation.md)
     if (roles.includes('web')) {
-      realtime = await startRealtime(deps);
-      http = await buildServer(deps, routeModules(realtime));
-      await http.listen({ host: config.httpHost, port: config.httpPort });
-      const addr = http.server.address();
-      httpPort = typeof addr === 'object' && addr ? addr.port : config.httpPort;
-      log.info({ url: `http://${config.httpHost}:${httpPort}` }, 'web role listening');
+      early = await listenEarly(deps, config.httpHost, config.httpPort);
+      httpPort = early.port;
     }
     services = await startRoleServices(deps, roles);
+    if (early) {
+      const [{ buildServer, serverBuilt }, { routeModules }, { startRealtime }] = await Promise.all([
+        import('./http/server.ts'),
+        import('./http/routes.ts'),
+        import('./streams/realtime.ts'),
+      ]);
+      realtime = await startRealtime(deps);
+      let handler: ((req: any, res: any) => void) | null = null;
+      http = await buildServer(deps, routeModules(realtime), { server: early.server, onHandler: (h) => (handler = h) });
+      await http.ready();
+      early.handOver(handler!);
+      serverBuilt(http, deps);
+      log.info({ url: `http://${config.httpHost}:${httpPort}` }, 'web role listening');
+    }
   } catch (e) {
+    await services?.stop().catch(() => {});
     await http?.close().catch(() => {});
+    await early?.abort().catch(() => {});
     await realtime?.stop().catch(() => {});
     await db.close().catch(() => {});
     await embedded?.stop().catch(() => {});
@@ -79,6 +99,7 @@ export async function startPlatform(
     stop: async () => {
       await services?.stop();
       await http?.close();
+      await early?.close();
       await realtime?.stop();
       await db.close();
       await embedded?.stop();

