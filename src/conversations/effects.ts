@@ -32,9 +32,16 @@ interface FlagsRow {
   last_event_ts: string | null;
 }
 
-const flagsWriter: RowWriter<FlagsRow> = { kind: 'flags' };
+// Positional rows of parley_write_rows (src/store/migrations/034_write_rows_positional.sql).
+const flagsWriter: RowWriter<FlagsRow> = {
+  kind: 'flags',
+  encode: (rows) => rows.map((f) => [f.conv_id, f.address, f.inbox, f.seen, f.last_event_ts]),
+};
 
-const snapshotsWriter: RowWriter<{ conv_id: number; address: string; snapshot: unknown }> = { kind: 'snapshots' };
+const snapshotsWriter: RowWriter<{ conv_id: number; address: string; snapshot: unknown }> = {
+  kind: 'snapshots',
+  encode: (rows) => rows.map((r) => [r.conv_id, r.address, r.snapshot]),
+};
 
 /**
  * Who of the local participants may see action `a`: a participant sees the actions from

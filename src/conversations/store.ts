@@ -210,11 +210,15 @@ interface ActionRow {
   body: Action;
 }
 
-// The rows below are written by parley_write_rows (src/store/migrations/033_write_rows.sql),
-// one set-based statement per kind; message search vectors as in 002_search.sql.
-const actionsWriter: RowWriter<ActionRow> = { kind: 'actions' };
+// The rows below are written by parley_write_rows (src/store/migrations/034_write_rows_positional.sql),
+// one set-based statement per kind, each row encoded as the positional array that migration
+// documents; message search vectors as in 002_search.sql.
+const actionsWriter: RowWriter<ActionRow> = {
+  kind: 'actions',
+  encode: (rows) => rows.map((r) => [r.conv_id, r.id, r.act, r.actor, r.ts, r.component, r.hash, r.body]),
+};
 
-/** A row of `messages` (with the file names its search vector indexes). */
+/** A row of `messages` (its search vector is computed by parley_write_rows). */
 interface MessageRow {
   conv_id: number;
   id: number;
@@ -223,7 +227,6 @@ interface MessageRow {
   format: string;
   parent: number | null;
   files: FileRef[];
-  file_names: string[];
   created_ts: string;
   updated_ts: string | null;
   deleted: boolean;
@@ -234,12 +237,22 @@ interface MessageRow {
   source: unknown;
 }
 
-const messagesWriter: RowWriter<MessageRow> = { kind: 'messages' };
+const messagesWriter: RowWriter<MessageRow> = {
+  kind: 'messages',
+  encode: (rows) =>
+    rows.map((m) => [
+      m.conv_id, m.id, m.author, m.body, m.format, m.parent, m.files, m.created_ts, m.updated_ts,
+      m.deleted, m.head, m.lock_by, m.lock_at, m.lock_id, m.source,
+    ]),
+};
 
 /** A row of `attachments`: one file of a message, in some version of it (migration 031). */
 type AttachmentRow = AttachmentsTable;
 
-const attachmentsWriter: RowWriter<AttachmentRow> = { kind: 'attachments' };
+const attachmentsWriter: RowWriter<AttachmentRow> = {
+  kind: 'attachments',
+  encode: (rows) => rows.map((a) => [a.conv_id, a.message_id, a.ordinal, a.sha256, a.name, a.content_type, a.size, a.content_id, a.inline]),
+};
 
 /** A row of `participants` as the log defines it (the user's flags are effects.ts's). */
 interface ParticipantRow {
@@ -254,7 +267,10 @@ interface ParticipantRow {
   last_event_ts: string | null;
 }
 
-const participantsWriter: RowWriter<ParticipantRow> = { kind: 'participants' };
+const participantsWriter: RowWriter<ParticipantRow> = {
+  kind: 'participants',
+  encode: (rows) => rows.map((p) => [p.conv_id, p.address, p.user_id, p.perms, p.added_id, p.head, p.removed_id, p.seen_id, p.last_event_ts]),
+};
 
 /** The header columns of `conversations` after a batch, and whether its search header changes. */
 type ConversationUpdate = Omit<ConversationHeader, 'created_at' | 'subject_lock'> & {
@@ -266,7 +282,14 @@ type ConversationUpdate = Omit<ConversationHeader, 'created_at' | 'subject_lock'
   search_addresses: string[] | null;
 };
 
-const conversationsWriter: RowWriter<ConversationUpdate> = { kind: 'conversations' };
+const conversationsWriter: RowWriter<ConversationUpdate> = {
+  kind: 'conversations',
+  encode: (rows) =>
+    rows.map((c) => [
+      c.id, c.key, c.creator, c.published, c.published_at, c.subject, c.subject_head, c.subject_lock_by, c.subject_lock_at,
+      c.subject_lock_id, c.expiry, c.expiry_head, c.last_id, c.last_hash, c.last_ts, c.message_count, c.search_addresses,
+    ]),
+};
 
 /**
  * Persists new actions and everything the reducer touched: the actions rows, messages
@@ -309,7 +332,6 @@ export async function persistState(
       format: m.format,
       parent: m.parent,
       files: m.files,
-      file_names: m.files.map((f) => f.name),
       created_ts: m.created_ts,
       updated_ts: m.updated_ts,
       deleted: m.deleted,

@@ -6,8 +6,8 @@
  * waits for one WAL flush. So concurrent writers that touch different conversations share
  * one transaction: each runs its own logic (its reads, the core rules) in turn inside it, the
  * rows they write are buffered ({@link writeRows}) and written just before the single
- * COMMIT in ONE statement (`parley_write_rows`, migration 033: one set-based statement per
- * kind of row inside it). Ten concurrent appends then cost four round trips between them —
+ * COMMIT in ONE statement (`parley_write_rows`, migrations 033 and 034: one set-based statement
+ * per kind of row inside it). Ten concurrent appends then cost four round trips between them —
  * BEGIN, the shared read that locks their conversations, the writes, COMMIT — and one
  * flush, instead of ten of each.
  *
@@ -29,13 +29,21 @@ import { beforeCommit, type Db, transaction, type Tx } from './db.ts';
 
 /**
  * A kind of row written set-based. Writers of the write path name a `kind` of
- * `parley_write_rows` (migration 033_write_rows.sql): the rows of all such writers of a
- * transaction go to PostgreSQL together, in ONE call, which writes each kind with its own
- * statement in the order given. Other writers give `write`: their own statement.
+ * `parley_write_rows` (migrations 033_write_rows.sql, 034_write_rows_positional.sql): the
+ * rows of all such writers of a transaction go to PostgreSQL together, in ONE call, which
+ * writes each kind with its own statement in the order given. Other writers give `write`:
+ * their own statement.
  */
 export interface RowWriter<R> {
   /** The kind `parley_write_rows` knows these rows by (e.g. 'actions', 'events'); or else `write`. */
   readonly kind?: string;
+  /**
+   * Turns all the buffered rows of this kind into what `parley_write_rows` takes for it:
+   * one positional array per row (migration 034_write_rows_positional.sql gives each
+   * kind's layout; arrays cost PostgreSQL far less to parse than objects). Given the whole
+   * transaction's rows at once, so it may number them (stream events). Required with `kind`.
+   */
+  encode?(rows: R[]): unknown[];
   /** For rows `parley_write_rows` does not know: writes `rows` (never empty) in `tx` with a statement of its own. */
   write?(tx: Tx, rows: R[]): Promise<void>;
   /**
@@ -67,7 +75,7 @@ async function writeBatch(tx: Tx, items: [RowWriter<unknown>, unknown[]][]): Pro
     while (j < items.length && items[j][0].kind !== undefined) j++;
     const run = items.slice(i, j);
     i = j;
-    const batch = JSON.stringify(run.map(([w, rows]) => [w.kind, rows]));
+    const batch = JSON.stringify(run.map(([w, rows]) => [w.kind, w.encode ? w.encode(rows) : rows]));
     const r = await sql<{ r: Record<string, unknown> }>`select parley_write_rows(${batch}::jsonb) as r`.execute(tx);
     const out = r.rows[0]?.r ?? {};
     for (const [w] of run) if (w.written && out[w.kind!] !== undefined) await w.written(tx, out[w.kind!]);

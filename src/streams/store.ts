@@ -25,7 +25,7 @@ export const EVENTS_CHANNEL = 'parley_events';
 /** Events of transactions opened with `transaction()`, written just before their commit. */
 const deferred = new WeakMap<object, NewEvent[]>();
 
-/** An event row as parley_write_rows (migration 033_write_rows.sql) takes it; a user's events are numbered in array order. */
+/** An event row as the stream writer buffers it; a user's events are numbered in the order written. */
 interface EventRow {
   user_id: number;
   conv_id: number;
@@ -39,10 +39,21 @@ interface EventRow {
  * the transaction: it locks the users' rows in id order, advances each `stream_seq` by the
  * user's number of events and inserts the events with consecutive numbers, returning the
  * last number given to each user, which listeners are then notified of (after commit).
+ * Each row goes as `[user_id, ord, conv_id, kind, action_id, payload]` (migration
+ * 034_write_rows_positional.sql), `ord` numbering the user's events of the transaction
+ * 1, 2, … in the order they were appended.
  */
 const eventsWriter: RowWriter<EventRow> = {
   kind: 'events',
   last: true,
+  encode: (rows) => {
+    const count = new Map<number, number>();
+    return rows.map((e) => {
+      const ord = (count.get(e.user_id) ?? 0) + 1;
+      count.set(e.user_id, ord);
+      return [e.user_id, ord, e.conv_id, e.kind, e.action_id, e.payload];
+    });
+  },
   written: async (tx, result) => notifyUsers(tx, new Map(result as [number, number][])),
 };
 
