@@ -34,6 +34,19 @@ export function cleanInput(i: ActionInput): ActionInput {
   return out;
 }
 
+/** Users a transaction has read already (address → id), per transaction: see {@link noteUsers}. */
+const knownUsers = new WeakMap<object, Map<string, number>>();
+
+/**
+ * Tells {@link resolveLocalUsers} in `tx` the ids of users that `tx` read itself (inbound
+ * mail reads a batch's recipients once), so that it reads none of them again.
+ */
+export function noteUsers(tx: Tx, users: Iterable<[string, number]>): void {
+  let m = knownUsers.get(tx);
+  if (!m) knownUsers.set(tx, (m = new Map()));
+  for (const [address, id] of users) m.set(address, id);
+}
+
 /**
  * Maps local participant addresses to user ids; a local address with no user is refused.
  * @throws AppError 400 unknown_local_address
@@ -42,6 +55,11 @@ export async function resolveLocalUsers(tx: Tx, deps: Deps, addresses: string[])
   const local = addresses.filter((a) => isLocalAddress(deps, a));
   const map = new Map<string, number>();
   if (local.length === 0) return map;
+  const known = knownUsers.get(tx);
+  if (known && local.every((a) => known.has(a))) {
+    for (const a of local) map.set(a, known.get(a)!);
+    return map;
+  }
   const rows = await tx.selectFrom('users').select(['id', 'address']).where('address', 'in', local).execute();
   for (const r of rows) map.set(r.address, r.id);
   const missing = local.filter((a) => !map.has(a));

@@ -2,6 +2,7 @@
  * Parsing a raw email (RFC 5322 message, MIME per RFC 2045–2049) into the fields the
  * email bridge needs, tolerant of the defects real mail carries.
  */
+import { isAscii } from 'node:buffer';
 import { posix, win32 } from 'node:path';
 import { simpleParser, type AddressObject, type Attachment, type EmailAddress, type HeaderLines, type ParsedMail, type SimpleParserOptions, type StructuredHeader } from 'mailparser';
 import { detectExtension } from 'nodemailer/lib/mime-funcs';
@@ -92,7 +93,7 @@ const CONTINUATION_LINE = /^[ \t]/;
  * @throws Error only when `raw` is empty or whitespace, i.e. not a message at all
  */
 export async function parseEmail(raw: Buffer, options: ParseOptions = {}): Promise<ParsedEmail> {
-  if (raw.toString('latin1').trim() === '') throw new Error('Not an email message: the input is empty');
+  if (isBlank(raw)) throw new Error('Not an email message: the input is empty');
   const warnings: string[] = [];
   const message = repairHeaderSection(raw, warnings);
   const parserOptions: SimpleParserOptions = {
@@ -148,6 +149,15 @@ export async function parseEmail(raw: Buffer, options: ParseOptions = {}): Promi
   };
 }
 
+/** Bytes that String.prototype.trim() removes from a latin1 string: tab, LF, VT, FF, CR, space, no-break space. */
+const BLANK_BYTES = new Set([0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x20, 0xa0]);
+
+/** True when `raw` has nothing but those bytes (stops at the first other byte: no copy of the message). */
+function isBlank(raw: Buffer): boolean {
+  for (const byte of raw) if (!BLANK_BYTES.has(byte)) return false;
+  return true;
+}
+
 /**
  * Splits a message at the blank line that ends its header section (RFC 5322 §2.1):
  * `header` keeps the line break of its last field, `separator` is the blank line itself.
@@ -195,7 +205,7 @@ function repairHeaderSection(raw: Buffer, warnings: string[]): Buffer {
  * and re-encoded as UTF-8, so the MIME parser (which assumes UTF-8) reads them correctly.
  */
 function toUtf8HeaderSection(header: Buffer, warnings: string[]): Buffer {
-  if (!header.some((byte) => byte >= 0x80)) return header;
+  if (isAscii(header)) return header;
   try {
     new TextDecoder('utf-8', { fatal: true }).decode(header);
     return header;

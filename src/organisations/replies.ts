@@ -36,9 +36,24 @@ import { contactAddresses, contactParticipant, createClock, enqueueFor, inSavepo
  * delivery replied to becomes `replied`. An unmatched reply stays an unmatched event.
  */
 
+/** Conversations' `org_id` as their writer read it under the row lock, per transaction: see {@link noteConversationOrg}. */
+const knownOrgs = new WeakMap<object, Map<number, number | null>>();
+
+/**
+ * Tells {@link routeOrganisationActions} in `tx` the `org_id` of conversation `convId`,
+ * which the caller read with the conversation's row lock (inbound mail), so that it is
+ * not read again.
+ */
+export function noteConversationOrg(tx: Tx, convId: number, orgId: number | null): void {
+  let m = knownOrgs.get(tx);
+  if (!m) knownOrgs.set(tx, (m = new Map()));
+  m.set(convId, orgId);
+}
+
 /** The organisation conversation's contact (and organisation) of conversation `convId`, if any. */
 async function contactOfConversation(tx: Tx, convId: number): Promise<{ org: Org; contact: SendContact } | { orgId: null } | null> {
-  const conv = await tx.selectFrom('conversations').select('org_id').where('id', '=', convId).executeTakeFirst();
+  const noted = knownOrgs.get(tx)?.get(convId);
+  const conv = noted !== undefined ? { org_id: noted } : await tx.selectFrom('conversations').select('org_id').where('id', '=', convId).executeTakeFirst();
   if (!conv || conv.org_id === null) return { orgId: null };
   const contact = (await tx
     .selectFrom('contacts')

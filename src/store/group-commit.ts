@@ -51,6 +51,16 @@ export interface RowWriter<R> {
    * (stream events: the users' rows they lock are then held only across the commit).
    */
   readonly last?: boolean;
+  /**
+   * In a group transaction, written after its serial phase: once the other writers' rows
+   * are written the next shared transaction starts running its units, and these rows
+   * (then those of `last` writers) are written meanwhile, in a second statement just
+   * before COMMIT. For the costliest rows that nothing later in the transaction reads or
+   * locks (messages: their search vectors are a third of `parley_write_rows`), so their
+   * cost overlaps the next transaction's work instead of lengthening the phase every
+   * append waits through (issue 2, Done means 7; docs/benchmarks.md).
+   */
+  readonly late?: boolean;
   /** Receives what `parley_write_rows` returned for this kind once the rows are written (stream positions). */
   written?(tx: Tx, result: unknown): Promise<void>;
 }
@@ -114,26 +124,36 @@ export function bufferWrites(tx: Tx): void {
 }
 
 /**
- * Writes the rows buffered in `tx` now, in one statement — except those of `last`
- * writers (stream events), which stay buffered until just before COMMIT.
+ * Writes the rows buffered in `tx` now, in one statement — except those of `last` writers
+ * (stream events), which stay buffered until just before COMMIT unless `last` is true (the
+ * caller's final write before COMMIT: they then come after all others in the same statement).
  */
-export async function flushWrites(tx: Tx): Promise<void> {
+export async function flushWrites(tx: Tx, last = false): Promise<void> {
   const buffer = buffers.get(tx);
   if (!buffer) return;
-  const items = [...buffer].filter(([w]) => !w.last);
+  const items = [...buffer.entries()].filter(([w]) => !w.last);
+  if (last) items.push(...[...buffer.entries()].filter(([w]) => w.last));
   for (const [w] of items) buffer.delete(w);
   if (items.length > 0) await writeBatch(tx, items);
 }
 
-/** Makes `tx` buffer the rows given to {@link writeRows} until just before its COMMIT; `written` is called after they are written. */
+/**
+ * Makes `tx` buffer the rows given to {@link writeRows} until just before its COMMIT, where
+ * they are written in two statements: first every writer's but the `late` and `last` ones,
+ * then — after `written` is called (the end of the serial phase) — the `late` writers' and
+ * the `last` writers' rows.
+ */
 function deferWrites(tx: Tx, written: () => void): void {
   const buffer = new Map<RowWriter<unknown>, unknown[]>();
   buffers.set(tx, buffer);
   beforeCommit(tx, async () => {
     buffers.delete(tx);
     const items = [...buffer];
-    if (items.length > 0) await writeBatch(tx, [...items.filter(([w]) => !w.last), ...items.filter(([w]) => w.last)]);
+    const phase = items.filter(([w]) => !w.last && !w.late);
+    const after = [...items.filter(([w]) => w.late && !w.last), ...items.filter(([w]) => w.last)];
+    if (phase.length > 0) await writeBatch(tx, phase);
     written();
+    if (after.length > 0) await writeBatch(tx, after);
   });
 }
 

@@ -42,12 +42,15 @@
  * for the same recipients (src/mail/inbound/smtp-server.ts).
  */
 import { sql } from 'kysely';
-import type { ActionInput, ActionSource, FileRef } from '../../core/actions.ts';
-import { LIMITS } from '../../core/actions.ts';
-import { type Deps, isLocalAddress } from '../../context.ts';
-import { appendActions } from '../../conversations/append.ts';
+import type { Action, ActionInput, ActionSource, FileRef } from '../../core/actions.ts';
+import { LIMITS, sealAction } from '../../core/actions.ts';
+import { applyAction, referencedMessages } from '../../core/reducer.ts';
+import { signActions } from '../../federation/action-signatures.ts';
+import { isoTime } from '../../platform/clock.ts';
+import { type Deps, isLocalAddress, primaryDomain } from '../../context.ts';
+import { appendActions, checkFiles, cleanInput, noteUsers, resolveLocalUsers, storeActions } from '../../conversations/append.ts';
 import { insertNewConversation } from '../../conversations/commands/create-conversation.ts';
-import { type ConversationRow, preloadParticipants } from '../../conversations/store.ts';
+import { type ConversationRow, loadedParticipantRows, loadState, preloadParticipants } from '../../conversations/store.ts';
 import type { Clock } from '../../platform/clock.ts';
 import { AppError } from '../../platform/errors.ts';
 import type { Tx } from '../../store/db.ts';
@@ -59,8 +62,9 @@ import type { EmailAuthentication } from '../authenticate.ts';
 import { noteActiveKeyId } from '../../federation/keys.ts';
 import { createResolver, type MailResolver, offlineResolver } from '../dns.ts';
 import { normalizeAddress } from '../address.ts';
-import { suppressEmails } from '../outbound/enqueue.ts';
+import { suppressEmails, withholdEmails } from '../outbound/enqueue.ts';
 import { type ParsedEmail, parseEmail } from '../parse.ts';
+import { noteConversationOrg } from '../../organisations/replies.ts';
 import { replyKeyOf } from './recipients.ts';
 
 /** The SMTP envelope of a message (RFC 5321 §3.3): reverse-path, forward-paths, client. */
@@ -285,7 +289,7 @@ async function commitOne(deps: Deps, p: PreparedEmail): Promise<IngestResult> {
           bufferWrites(tx);
           const pending = newPending();
           const r = await applyEmail(tx, attemptDeps, { ...contextOf(p, inboundId), pending });
-          await settle(tx, pending);
+          await settle(tx, pending, true);
           return r;
         });
       } catch (e) {
@@ -308,17 +312,33 @@ async function commitOne(deps: Deps, p: PreparedEmail): Promise<IngestResult> {
  */
 async function commitBatch(tx: Tx, deps: Deps, batch: PreparedEmail[], at: { index: number }): Promise<IngestResult[]> {
   bufferWrites(tx);
-  const ids = await storeRawRows(tx, batch);
   const keys = uniq(batch.map((p) => lockKeyOf(p.parsed!, p.sha256))).sort();
   const addresses = uniq(batch.flatMap((p) => userAddressesOf(deps, p.envelope)));
-  const r = await sql<{ users: string[]; key_id: string | null }>`
-    select array(select address from users where address = any(${addresses}::text[])) as users,
+  // The raw rows (blobs and `received` inbound rows, ids drawn in batch order: the ORDER BY)
+  // are inserted by the same statement.
+  const r = await sql<{ ids: string[] | number[]; users: [string, number][]; key_id: string | null }>`
+    with b as (insert into blobs (sha256, size, content_type)
+                 select distinct t.s, t.z, 'message/rfc822' from unnest(${batch.map((p) => p.sha256)}::text[], ${batch.map((p) => p.raw.length)}::bigint[]) as t(s, z)
+                 on conflict do nothing),
+         i as (insert into inbound_emails (raw_sha256, mail_from, rcpt_to, remote_ip, helo, status)
+               select t.s, t.f, array(select jsonb_array_elements_text(t.r)), t.ip, t.h, 'received'
+                 from unnest(${batch.map((p) => p.sha256)}::text[], ${batch.map((p) => p.envelope.mailFrom)}::text[],
+                             ${batch.map((p) => JSON.stringify(p.envelope.rcptTo))}::jsonb[], ${batch.map((p) => p.envelope.remoteIp)}::text[],
+                             ${batch.map((p) => p.envelope.helo)}::text[]) with ordinality as t(s, f, r, ip, h, o)
+                order by t.o
+               returning id)
+    select (select array_agg(id order by id) from i) as ids,
+           (select coalesce(json_agg(json_build_array(address, id)), '[]') from users where address = any(${addresses}::text[])) as users,
            (select key_id from platform_keys where retired_at is null limit 1) as key_id
       from (select count(pg_advisory_xact_lock(hashtextextended(s.k, 0)))
               from (select k from unnest(${keys}::text[]) as k order by k) s) l`.execute(tx);
+  const ids = (r.rows[0].ids ?? []).map(Number);
+  if (ids.length !== batch.length) throw new Error(`inserted ${ids.length} inbound rows for ${batch.length} messages`);
   // Signing the batch's actions then needs no read of platform_keys per append (keys.ts).
   if (r.rows[0].key_id) noteActiveKeyId(tx, r.rows[0].key_id);
-  const users = new Set(r.rows[0].users);
+  const users = new Set(r.rows[0].users.map(([address]) => address));
+  // Creating a conversation then reads none of these users again (append.ts resolveLocalUsers).
+  noteUsers(tx, r.rows[0].users);
   // A statement of its own: it must see what other transactions committed while this one waited for the locks.
   const rows = await lookupKnown(tx, uniq(batch.flatMap((p) => lookupIdsOf(p.parsed!).lookup)), [...users]);
   const prefetched: Prefetched = { byMessageId: new Map(), recordedIds: new Set(), touched: new Set() };
@@ -334,7 +354,7 @@ async function commitBatch(tx: Tx, deps: Deps, batch: PreparedEmail[], at: { ind
     out.push(await applyEmail(tx, deps, { ...contextOf(batch[k], ids[k]), users, prefetched, pending }));
   }
   at.index = -1;
-  await settle(tx, pending);
+  await settle(tx, pending, true);
   return out;
 }
 
@@ -407,25 +427,6 @@ async function storeRaw(deps: Deps, sha256: string, size: number, envelope: Enve
     values (${sha256}, ${envelope.mailFrom}, ${envelope.rcptTo}::text[], ${envelope.remoteIp}, ${envelope.helo}, 'received')
     returning id`.execute(deps.db.kysely);
   return r.rows[0].id;
-}
-
-/** The raw rows of a batch in one statement (arrays: the statement text is the same for any batch size); their ids in batch order. */
-async function storeRawRows(tx: Tx, batch: PreparedEmail[]): Promise<number[]> {
-  const r = await sql<{ id: number }>`
-    with b as (insert into blobs (sha256, size, content_type)
-                 select distinct t.s, t.z, 'message/rfc822' from unnest(${batch.map((p) => p.sha256)}::text[], ${batch.map((p) => p.raw.length)}::bigint[]) as t(s, z)
-                 on conflict do nothing)
-    insert into inbound_emails (raw_sha256, mail_from, rcpt_to, remote_ip, helo, status)
-    select t.s, t.f, array(select jsonb_array_elements_text(t.r)), t.ip, t.h, 'received'
-      from unnest(${batch.map((p) => p.sha256)}::text[], ${batch.map((p) => p.envelope.mailFrom)}::text[],
-                  ${batch.map((p) => JSON.stringify(p.envelope.rcptTo))}::jsonb[], ${batch.map((p) => p.envelope.remoteIp)}::text[],
-                  ${batch.map((p) => p.envelope.helo)}::text[]) with ordinality as t(s, f, r, ip, h, o)
-     order by t.o
-    returning id`.execute(tx);
-  // One statement draws the ids from the sequence in insertion order (the ORDER BY).
-  const ids = r.rows.map((x) => Number(x.id)).sort((a, b) => a - b);
-  if (ids.length !== batch.length) throw new Error(`inserted ${ids.length} inbound rows for ${batch.length} messages`);
-  return ids;
 }
 
 /** Attachments and inline parts written to the blob store (rows are inserted in the transaction). */
@@ -575,10 +576,11 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
     // A batch took the lock and read the users for all its messages (commitBatch).
     locals = userAddresses.filter((a) => c.users!.has(a)).sort();
   } else {
-    const locked = await sql<{ locals: string[] }>`
-      select array(select address from users where address = any(${userAddresses}::text[]) order by address) as locals
+    const locked = await sql<{ locals: [string, number][] }>`
+      select (select coalesce(json_agg(json_build_array(address, id) order by address), '[]') from users where address = any(${userAddresses}::text[])) as locals
         from (select pg_advisory_xact_lock(hashtextextended(${lockKeyOf(c.parsed, c.sha256)}, 0))) l`.execute(tx);
-    locals = locked.rows[0].locals;
+    locals = locked.rows[0].locals.map(([address]) => address);
+    noteUsers(tx, locked.rows[0].locals);
   }
   const replyConvs = replyKeys.length
     ? await tx.selectFrom('conversations').select(['id', 'key']).where(sql<boolean>`key = any(${replyKeys}::text[])`).where('published', '=', true).execute()
@@ -671,6 +673,7 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
   if (isLocalAddress(deps, sender)) {
     const exists = await tx.selectFrom('users').select('id').where('address', '=', sender).executeTakeFirst();
     if (!exists) throw new Unprocessable(`the sender ${sender} is an address of this platform, but no such user exists`);
+    noteUsers(tx, [[sender, Number(exists.id)]]);
   }
   if (c.files.length > 0) {
     await tx
@@ -695,7 +698,8 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
 
   // Lock every target conversation first, in id order (no deadlock with other writers),
   // with all its participants (handed to the append's loadState, which then reads none):
-  // one statement. The ids go through a sub-select so the prepared statement keeps one
+  // one statement. Every column but `search_header`, a tsvector no write uses (apply-actions.ts
+  // lockConversationsForActors). The ids go through a sub-select so the prepared statement keeps one
   // generic plan (apply-actions.ts lockConversationsForActors says why).
   const targetIds = [...targets.keys()].sort((a, b) => a - b);
   // A conversation an earlier message of the batch changed: its rows and closing first.
@@ -703,7 +707,10 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
   const lockedRows = targetIds.length
     ? (
         await sql<ConversationRow & { p_all: Selectable<ParticipantsTable>[] }>`
-          select c.*, (select coalesce(json_agg(pa), '[]') from participants pa where pa.conv_id = c.id) as p_all
+          select c.id, c.key, c.draft_key, c.creator, c.leader, c.published, c.published_at, c.created_at, c.subject,
+                 c.subject_head, c.subject_lock_by, c.subject_lock_at, c.subject_lock_id, c.expiry, c.expiry_head, c.last_id,
+                 c.last_hash, c.last_ts, c.message_count, c.org_id,
+                 (select coalesce(json_agg(pa), '[]') from participants pa where pa.conv_id = c.id) as p_all
             from conversations c
            where c.id = any((select ${targetIds}::bigint[])::bigint[])
            order by c.id
@@ -722,31 +729,44 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
       const { p_all: parts, ...conv } = locked;
       let row: ConversationRow = conv;
       preloadParticipants(row, parts);
+      // Organisation routing of the append (enqueue.ts) then reads no org_id.
+      noteConversationOrg(tx, convId, row.org_id === null ? null : Number(row.org_id));
       // An import orders the conversation by the email's Date (the closing statement): the local participants' list times before it.
       if (sentAt !== null) sortRows.push({ conv_id: convId, before: Object.fromEntries(parts.filter((p) => p.user_id !== null).map((p) => [p.address, p.last_event_ts as unknown as string | null])) });
       const senderPart = parts.find((p) => p.address === sender);
       if (senderPart && senderPart.removed_id !== null) {
         throw new Unprocessable(`the sender ${sender} was removed from conversation ${t.key} and cannot add to it`);
       }
+      let adder: string | null = null;
       if (!senderPart) {
         // Who may add the sender (chooseAdder): active participants with write permission, earliest first.
         const able = parts
           .filter((p) => p.removed_id === null && (p.perms === 'write' || p.perms === 'full'))
           .sort((a, b) => a.added_id - b.added_id)
           .map((p) => p.address);
-        const adder = chooseAdder(row, able, t.locals);
+        adder = chooseAdder(row, able, t.locals);
+      }
+      let actions: Action[];
+      if (adder !== null && row.published && row.leader !== primaryDomain(deps)) {
+        // A conversation led elsewhere: each append is a proposal of its own (append.ts).
         // The sender has the email they wrote; the others hear of them through the message:
         // no outbound email (suppressEmails), and withdrawn below should anything slip through.
         suppressEmails(tx, 'all');
-        const { actions } = await appendActions(tx, deps, row, adder, [{ act: 'participant:add', participant: sender, perms: 'write' }]);
-        for (const a of actions) quiet.push([convId, a.id]);
+        const r = await appendActions(tx, deps, row, adder, [{ act: 'participant:add', participant: sender, perms: 'write' }]);
+        for (const a of r.actions) quiet.push([convId, a.id]);
         // Its rows were buffered (bufferWrites): written now, to be read back.
         await flushWrites(tx);
         row = await tx.selectFrom('conversations').selectAll().where('id', '=', convId).executeTakeFirstOrThrow();
+        suppressEmails(tx, c.quiet ? 'smtp' : null);
+        actions = (await appendActions(tx, deps, row, sender, [messageInput])).actions;
+      } else {
+        // An imported message emails nobody; organisation routing (a contact's reply) still applies.
+        suppressEmails(tx, c.quiet ? 'smtp' : null);
+        actions = await appendAsEmail(tx, deps, row, adder, sender, messageInput);
+        // The sender's addition emails nobody (withheld) and is withdrawn below should anything slip through.
+        for (const a of actions.slice(0, -1)) quiet.push([convId, a.id]);
+        actions = actions.slice(-1);
       }
-      // An imported message emails nobody; organisation routing (a contact's reply) still applies.
-      suppressEmails(tx, c.quiet ? 'smtp' : null);
-      const { actions } = await appendActions(tx, deps, row, sender, [messageInput]);
       const added = actions[0];
       if (c.quiet) quiet.push([convId, added.id]);
       recorded.push([convId, added.id]);
@@ -758,9 +778,11 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
       const covered = new Set([...done, ...[...targets.values()].flatMap((t) => t.locals)]);
       const headerAddresses = uniq([...parsed.to, ...parsed.cc].map((m) => m.address)).filter((a) => replyKeyOf(deps, a) === null);
       const headerLocals = headerAddresses.filter((a) => isLocalAddress(deps, a) && !remaining.includes(a));
-      const existing = headerLocals.length
-        ? new Set((await tx.selectFrom('users').select('address').where(sql<boolean>`address = any(${headerLocals}::text[])`).execute()).map((u) => u.address))
-        : new Set<string>();
+      const found = headerLocals.length
+        ? await tx.selectFrom('users').select(['address', 'id']).where(sql<boolean>`address = any(${headerLocals}::text[])`).execute()
+        : [];
+      noteUsers(tx, found.map((u) => [u.address, Number(u.id)]));
+      const existing = new Set(found.map((u) => u.address));
       const warnings: string[] = [];
       let participants = uniq([
         ...headerAddresses.filter((a) => !isLocalAddress(deps, a) || (existing.has(a) && !covered.has(a))),
@@ -815,6 +837,40 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
   return { inboundId: c.inboundId, status: 'ingested', created, threaded };
 }
 
+/**
+ * appendActions (append.ts) for an email: the message (`actor` the sender) preceded, when
+ * `adder` is set, by the sender's `participant:add` (perms `write`, actor `adder`) — both
+ * in one append of a conversation this platform leads (one state, one write of its rows),
+ * the addition withheld from outbound email (enqueue.ts withholdEmails): the sender has the
+ * email they wrote, the others hear of them through the message. Caller holds the row lock.
+ * @returns the sealed actions, the message last
+ * @throws AppError from the reducer (the transaction must then roll back)
+ */
+async function appendAsEmail(tx: Tx, deps: Deps, row: ConversationRow, adder: string | null, sender: string, message: ActionInput): Promise<Action[]> {
+  if (adder === null) return (await appendActions(tx, deps, row, sender, [message])).actions;
+  const steps: [string, ActionInput][] = [
+    [adder, cleanInput({ act: 'participant:add', participant: sender, perms: 'write' })],
+    [sender, cleanInput(message)],
+  ];
+  await checkFiles(tx, steps.map(([, i]) => i));
+  const state = await loadState(tx, row, referencedMessages(steps.map(([, i]) => i)));
+  const h = state.header!;
+  const wasPublished = h.published;
+  let ts = isoTime(deps.clock.now());
+  if (h.last_ts && ts < h.last_ts) ts = h.last_ts;
+  const out: Action[] = [];
+  for (const [actor, input] of steps) {
+    const a = sealAction({ ...input, conv: h.key, id: h.last_id + 1, actor, ts, prev: h.last_hash });
+    applyAction(state, a);
+    out.push(a);
+  }
+  withholdEmails(tx, row.id, [out[0].id]);
+  const userIds = await resolveLocalUsers(tx, deps, [sender]);
+  await signActions(deps, out, tx);
+  await storeActions(tx, deps, row, state, out, wasPublished, { rows: loadedParticipantRows.get(state) ?? new Map(), newUserIds: userIds });
+  return out;
+}
+
 function uniqBy<T>(xs: T[], key: (x: T) => string): T[] {
   const seen = new Set<string>();
   return xs.filter((x) => (seen.has(key(x)) ? false : (seen.add(key(x)), true)));
@@ -847,8 +903,9 @@ function newPending(): Pending {
 }
 
 /**
- * Writes what `p` holds: the buffered rows (flushWrites: one statement; stream events stay
- * buffered until just before COMMIT), then one statement that withdraws any outbound email
+ * Writes what `p` holds: the buffered rows (flushWrites: one statement; the stream events
+ * too when `last`, the transaction's final write — else they stay buffered until just
+ * before COMMIT), then one statement that withdraws any outbound email
  * of the quiet actions (organisation routing is the only thing that can still create one),
  * records the Message-IDs, orders imported conversations by the email's Date in their local
  * participants' lists (those the messages touched: their time is now the import's; an
@@ -856,8 +913,8 @@ function newPending(): Pending {
  * or duplicate. Two messages of one settle never touch the same conversation (applyEmail
  * settles before it reads one that a pending message changed).
  */
-async function settle(tx: Tx, p: Pending): Promise<void> {
-  await flushWrites(tx);
+async function settle(tx: Tx, p: Pending, last = false): Promise<void> {
+  await flushWrites(tx, last);
   if (p.inbound.length === 0) return;
   // The `conv_id = any(…)` conditions let the planner use the indexes whatever it guesses of the joined sets.
   const quietConvs = uniq(p.quiet.map(([conv]) => conv));

@@ -33,7 +33,7 @@ import type { AddressInfo } from 'node:net';
 import { SMTPServer, type SMTPServerDataStream, type SMTPServerSession } from 'smtp-server';
 import type { Deps } from '../../context.ts';
 import { commitEmails, type IngestResult, type PreparedEmail, prepareEmail } from './ingest-email.ts';
-import { checkRecipient } from './recipients.ts';
+import { checkRecipient, type Recipient } from './recipients.ts';
 
 /** Most simultaneous SMTP connections. */
 export const MAX_CLIENTS = 100;
@@ -78,6 +78,32 @@ function protocolRefusalLogger(log: Deps['log']) {
 
 /** Most messages one combined transaction takes. */
 const MAX_BATCH = 32;
+
+/** How long an accepted recipient (a user or a reply address) is accepted again without a lookup, ms. */
+const RECIPIENT_CACHE_MS = 10_000;
+/** Most recipients remembered (the map is cleared beyond it). */
+const RECIPIENT_CACHE_MAX = 10_000;
+
+/**
+ * {@link checkRecipient} that remembers accepted recipients for {@link RECIPIENT_CACHE_MS}:
+ * every message to a mailbox would otherwise cost a query at RCPT TO. Refusals are never
+ * remembered (a user created a moment ago is accepted at once). A user deleted within the
+ * window is still accepted at RCPT TO; the message is then refused at DATA (no recipient
+ * of this platform), with that reason.
+ */
+function cachedRecipientCheck(deps: Deps): (address: string) => ReturnType<typeof checkRecipient> {
+  const accepted = new Map<string, { r: Recipient; until: number }>();
+  return async (address) => {
+    const hit = accepted.get(address);
+    if (hit !== undefined && hit.until > Date.now()) return hit.r;
+    const r = await checkRecipient(deps, deps.db.kysely, address);
+    if (r.kind !== 'refused') {
+      if (accepted.size >= RECIPIENT_CACHE_MAX) accepted.clear();
+      accepted.set(address, { r, until: Date.now() + RECIPIENT_CACHE_MS });
+    }
+    return r;
+  };
+}
 
 /**
  * A write combiner for prepared messages: one lane per set of envelope recipients; a lane
@@ -126,6 +152,7 @@ export async function startSmtpServer(deps: Deps): Promise<{ port: number; stop(
   const { config, log } = deps;
   const inFlight = new Set<Promise<unknown>>();
   const commit = writeCombiner(deps);
+  const checkRcpt = cachedRecipientCheck(deps);
   const client = (s: SMTPServerSession) => ({ ip: s.remoteAddress, helo: s.hostNameAppearsAs || undefined, session: s.id });
 
   const server = new SMTPServer({
@@ -143,7 +170,7 @@ export async function startSmtpServer(deps: Deps): Promise<{ port: number; stop(
     logger: protocolRefusalLogger(log),
 
     onRcptTo(address, session, callback) {
-      checkRecipient(deps, deps.db.kysely, address.address).then(
+      checkRcpt(address.address).then(
         (r) => {
           if (r.kind !== 'refused') return callback();
           log.warn({ smtp: client(session), rcpt: address.address, code: r.code, reason: r.reason }, 'smtp: recipient refused');

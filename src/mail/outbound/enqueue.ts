@@ -51,14 +51,29 @@ export function suppressEmails(tx: Tx, mode: EmailSuppression | null): void {
   else suppressed.set(tx, mode);
 }
 
+/** Actions ("conv id:action id") that {@link enqueueEmails} leaves out in a transaction: see {@link withholdEmails}. */
+const withheld = new WeakMap<object, Set<string>>();
+
 /**
- * True while the email bridge appends in `tx` ({@link suppressEmails} in effect): the
- * participants it adds took part by email — the sender and recipients of a received or
- * imported message — and are email participants of the conversation whatever their domain
- * (federation/outbox.ts trackReplication does not look their platforms up).
+ * Actions of conversation `convId` appended in `tx` that create no outbound email whatever
+ * the suppression in effect: the email bridge adds a message's sender and their message in
+ * one append, and only the message may be emailed (ingest-email.ts).
+ */
+export function withholdEmails(tx: Tx, convId: number, actionIds: number[]): void {
+  let set = withheld.get(tx);
+  if (!set) withheld.set(tx, (set = new Set()));
+  for (const id of actionIds) set.add(`${convId}:${id}`);
+}
+
+/**
+ * True while the email bridge appends in `tx` ({@link suppressEmails} in effect, or
+ * {@link withholdEmails} called in it): the participants it adds took part by email — the
+ * sender and recipients of a received or imported message — and are email participants of
+ * the conversation whatever their domain (federation/outbox.ts trackReplication does not
+ * look their platforms up).
  */
 export function bridgingEmail(tx: Tx): boolean {
-  return suppressed.has(tx);
+  return suppressed.has(tx) || withheld.has(tx);
 }
 
 /**
@@ -112,7 +127,7 @@ export async function enqueueEmails(
   let published = wasPublished;
   for (const a of actions) {
     if (a.act === 'conv:publish') published = true;
-    if (!published || !EMAILED_ACTIONS.has(a.act)) continue;
+    if (!published || !EMAILED_ACTIONS.has(a.act) || withheld.get(tx)?.has(`${convId}:${a.id}`)) continue;
     const alreadyGotIt = new Set(a.source?.kind === 'email' ? (a.source.recipients ?? []) : []);
     const messageId = outboundMessageId(h.key, a.id, domain);
     let any = false;
