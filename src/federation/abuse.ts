@@ -218,9 +218,17 @@ export type BatchKind = 'push' | 'proposal' | 'log';
  *
  * Hashes, the chain, signatures and the core rules are verifyLog's (422 invalid_log).
  * @param conv the conversation key of the URL
+ * @param known the local conversation row of `conv` (null: none here) when the caller read it already — a multi-conversation push reads its entries' rows in one statement; else it is read here
  * @throws AppError as listed; nothing is stored by it
  */
-export async function checkBatch(deps: Deps, peer: string, conv: string, actions: unknown, kind: BatchKind): Promise<void> {
+export async function checkBatch(
+  deps: Deps,
+  peer: string,
+  conv: string,
+  actions: unknown,
+  kind: BatchKind,
+  known?: { id: number; leader: string; published: boolean } | null,
+): Promise<void> {
   if (!Array.isArray(actions) || actions.length === 0) throw badRequest('invalid_request', 'actions must be a non-empty array of actions');
   if (actions.length > MAX_BATCH_ACTIONS)
     throw new AppError(413, 'batch_too_large', `a batch holds at most ${MAX_BATCH_ACTIONS} actions; split it`, { max: MAX_BATCH_ACTIONS, actions: actions.length });
@@ -229,11 +237,10 @@ export async function checkBatch(deps: Deps, peer: string, conv: string, actions
       throw badRequest('invalid_request', 'every entry of actions must be an action object with an integer id and an actor');
   const list = actions as Action[];
   const self = primaryDomain(deps);
-  const row = await deps.db.kysely
-    .selectFrom('conversations')
-    .select(['id', 'leader', 'published'])
-    .where('key', '=', conv)
-    .executeTakeFirst();
+  const row =
+    known !== undefined
+      ? (known ?? undefined)
+      : await deps.db.kysely.selectFrom('conversations').select(['id', 'leader', 'published']).where('key', '=', conv).executeTakeFirst();
 
   if (kind === 'push' || kind === 'log') {
     let leader: string | null;
@@ -280,6 +287,8 @@ export interface ReceivedBatch {
   actions: Action[];
   /** Size of the request body in bytes (0 for a page this platform fetched). */
   bytes: number;
+  /** The local row of the conversation (null: not here), when the caller read it already; else it is read. */
+  conversation?: { id: number; leader: string; published: boolean } | null;
 }
 
 /**
@@ -292,7 +301,7 @@ export interface ReceivedBatch {
  */
 export async function checkPeerBatch(deps: Deps, peer: VerifiedPeer | { platform: string }, batch: ReceivedBatch): Promise<void> {
   checkPeerRequest(deps, peer.platform, batch.bytes);
-  await checkBatch(deps, peer.platform, batch.key, batch.actions, batch.kind);
+  await checkBatch(deps, peer.platform, batch.key, batch.actions, batch.kind, batch.conversation);
 }
 
 /**

@@ -21,6 +21,8 @@ export interface PeerBatch {
   actions: Action[];
   /** Size of the request body in bytes (0 for a fetched page). */
   bytes: number;
+  /** The local row of the conversation (null: not here), when the caller read it already; else the check reads it. */
+  conversation?: { id: number; leader: string; published: boolean } | null;
 }
 
 /**

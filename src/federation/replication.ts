@@ -15,10 +15,10 @@ import { applyAction, emptyState, referencedMessages } from '../core/reducer.ts'
 import { type Deps, isLocalAddress, primaryDomain } from '../context.ts';
 import { AppError, forbidden } from '../platform/errors.ts';
 import { beforeCommit, isUniqueViolation, transaction, type Tx } from '../store/db.ts';
-import { type BatchRead, groupTransactionWith } from '../store/group-commit.ts';
+import { type BatchRead, bufferWrites, groupTransactionWith } from '../store/group-commit.ts';
 import { localUserIds, storeActions } from '../conversations/append.ts';
 import { recordEffects } from '../conversations/effects.ts';
-import { type ConversationRow, insertConversation, loadedParticipantRows, loadState, lockConversation, persistState } from '../conversations/store.ts';
+import { type ConversationRow, insertConversation, loadedParticipantRows, loadState, lockConversation, persistState, preloadParticipants } from '../conversations/store.ts';
 import { checkPeerAllowed } from './abuse.ts';
 import { parseActionSig } from './action-signatures.ts';
 import { signedFetch } from './client.ts';
@@ -104,12 +104,20 @@ export async function receiveActions(deps: Deps, leader: string, key: string, ac
 /**
  * Locks the conversations of all the batches a shared transaction receives, in one
  * statement (in id order) before any of them runs: each gets its row, or null when it is
- * not known here.
+ * not known here. Their participants are read in one more statement, under those locks, and
+ * handed to each batch's loadState (store.ts preloadParticipants) — instead of one read per
+ * batch.
  */
 const lockReceived: BatchRead<string, ConversationRow | null> = {
   name: 'lock received conversations',
   async read(tx, keys) {
     const rows = await tx.selectFrom('conversations').selectAll().where('key', 'in', keys).orderBy('id').forUpdate().execute();
+    if (rows.length > 1) {
+      const parts = await tx.selectFrom('participants').selectAll().where('conv_id', 'in', rows.map((r) => r.id)).execute();
+      const byConv = new Map<number, (typeof parts)[number][]>(rows.map((r) => [Number(r.id), []]));
+      for (const p of parts) byConv.get(Number(p.conv_id))?.push(p);
+      for (const r of rows) preloadParticipants(r, byConv.get(Number(r.id)) ?? []);
+    }
     const byKey = new Map(rows.map((r) => [r.key, r]));
     return keys.map((k) => byKey.get(k) ?? null);
   },
@@ -372,17 +380,31 @@ export async function receiveOrCatchUp(deps: Deps, leader: string, key: string, 
  * Receives one pushed batch of conversation `key` from `peer` (docs/federation.md, "Push"):
  * the abuse checks, the files its actions name, then {@link receiveActions} — or, for a
  * conversation never seen here whose batch starts after action 1, the whole log first
- * ("Joining"). The one code path of `POST …/conversations/{key}/actions` and of each entry
- * of a multi-conversation push (`POST /federation/v1/push`).
+ * ("Joining"). The one code path of `POST …/conversations/{key}/actions`, and of an entry of
+ * a multi-conversation push (`POST /federation/v1/push`) that is not applied with the others
+ * ({@link receivePushEntries}).
  * @param bytes the request body's size (0 for an entry of a multi-conversation push, whose body was checked once)
+ * @param conversation the conversation's local row (null: not here), when the caller read it already
  * @returns the last action id this platform has of the conversation
  * @throws AppError with the status the single-conversation push answers (nothing of the batch stored)
  */
-export async function receivePushed(deps: Deps, peer: VerifiedPeer | { platform: string }, key: string, actions: Action[], bytes: number): Promise<number> {
-  await checkPeerBatch(deps, peer, { kind: 'push', key, actions, bytes });
+export async function receivePushed(
+  deps: Deps,
+  peer: VerifiedPeer | { platform: string },
+  key: string,
+  actions: Action[],
+  bytes: number,
+  conversation?: { id: number; leader: string; published: boolean } | null,
+): Promise<number> {
+  await checkPeerBatch(deps, peer, { kind: 'push', key, actions, bytes, conversation });
   await fetchMissingBlobs(deps, peer, actions);
   // Signatures verified before the (shared) transaction: it then holds its locks shorter.
   await preverifyReceived(deps, actions);
+  return receiveChecked(deps, peer, key, actions);
+}
+
+/** {@link receiveActions} of a pushed batch already checked, joining first when the conversation is not known here. */
+async function receiveChecked(deps: Deps, peer: VerifiedPeer | { platform: string }, key: string, actions: Action[]): Promise<number> {
   try {
     return (await receiveActions(deps, peer.platform, key, actions)).last_id;
   } catch (e) {
@@ -435,28 +457,111 @@ export function pushEntriesOf(body: unknown): PushEntry[] {
   return list as PushEntry[];
 }
 
+/** The answer for an entry from the error it failed with (500 `internal` for anything but an AppError, logged). */
+function failedEntry(deps: Deps, peer: { platform: string }, key: string, err: unknown): PushResult {
+  if (err instanceof AppError) return { key, status: err.status, error: err.toJSON().error };
+  deps.log.error({ err, conv: key, peer: peer.platform }, 'pushed entry failed');
+  return { key, status: 500, error: { code: 'internal', message: 'internal error' } };
+}
+
 /**
  * Applies the entries of a multi-conversation push from `peer`, each exactly as a
- * single-conversation push of it would be ({@link receivePushed}), concurrently — the
- * entries that continue known conversations share transactions (group commit) — and answers
- * each: `200` with the conversation's last id here, or the error a single push would have
- * answered. One entry's failure stores nothing of that entry and nothing else changes for the
- * others. Resolves once every stored entry is committed.
+ * single-conversation push of it would be ({@link receivePushed}), and answers each: `200`
+ * with the conversation's last id here, or the error a single push would have answered. One
+ * entry's failure stores nothing of that entry and nothing else changes for the others.
+ * Resolves once every stored entry is committed.
+ *
+ * How (issue 3, Done means 5: replication latency): the signatures of all entries are
+ * checked in one job (the worker thread for 8 or more), the entries' conversations read in
+ * one statement for the abuse checks, and the entries that continue conversations known here
+ * are stored in **one transaction** ({@link receiveTogether}): one lock statement, their rows
+ * written in one statement before one COMMIT. The others (a new conversation, a join) go
+ * alone, as a single push would.
  */
 export async function receivePushEntries(deps: Deps, peer: VerifiedPeer | { platform: string }, entries: PushEntry[]): Promise<PushResult[]> {
   // The signatures of all entries at once: one job for the worker thread rather than many small ones on this thread.
   await preverifyReceived(deps, entries.flatMap((e) => (Array.isArray(e.actions) ? (e.actions as Action[]) : [])));
-  return Promise.all(
-    entries.map(async (e): Promise<PushResult> => {
+  const rows = await deps.db.kysely
+    .selectFrom('conversations')
+    .select(['id', 'key', 'leader', 'published'])
+    .where('key', 'in', entries.map((e) => e.key))
+    .execute();
+  const known = new Map(rows.map((r) => [r.key, r]));
+  const results: PushResult[] = new Array(entries.length);
+  const together: { i: number; key: string; actions: Action[] }[] = [];
+  const alone: { i: number; key: string; actions: Action[] }[] = [];
+  await Promise.all(
+    entries.map(async (e, i) => {
       try {
-        return { key: e.key, status: 200, last_id: await receivePushed(deps, peer, e.key, batchOf({ actions: e.actions }), 0) };
+        const actions = batchOf({ actions: e.actions });
+        const conversation = known.get(e.key) ?? null;
+        await checkPeerBatch(deps, peer, { kind: 'push', key: e.key, actions, bytes: 0, conversation });
+        await fetchMissingBlobs(deps, peer, actions);
+        (conversation && actions[0].id > 1 ? together : alone).push({ i, key: e.key, actions });
       } catch (err) {
-        if (err instanceof AppError) return { key: e.key, status: err.status, error: err.toJSON().error };
-        deps.log.error({ err, conv: e.key, peer: peer.platform }, 'pushed entry failed');
-        return { key: e.key, status: 500, error: { code: 'internal', message: 'internal error' } };
+        results[i] = failedEntry(deps, peer, e.key, err);
       }
     }),
   );
+  const single = async (x: { i: number; key: string; actions: Action[] }) => {
+    try {
+      results[x.i] = { key: x.key, status: 200, last_id: await receiveChecked(deps, peer, x.key, x.actions) };
+    } catch (err) {
+      results[x.i] = failedEntry(deps, peer, x.key, err);
+    }
+  };
+  together.sort((a, b) => a.i - b.i);
+  await Promise.all([receiveTogether(deps, peer, together, results, single), ...alone.map(single)]);
+  return results;
+}
+
+/**
+ * Stores the checked entries `todo` (continuing conversations known here) in one
+ * transaction: their conversations locked in one statement (in id order), each entry taken
+ * in turn exactly as {@link receiveActions} takes a batch, every row buffered and written in
+ * one statement before the single COMMIT. An entry that fails rolls the transaction back:
+ * it gets its error (or goes alone through `single`, when it must join first) and the others
+ * are stored again without it. A failure no entry can be blamed for (the writes, the commit)
+ * sends every entry alone. A lone entry goes through `single`.
+ */
+async function receiveTogether(
+  deps: Deps,
+  peer: { platform: string },
+  todo: { i: number; key: string; actions: Action[] }[],
+  results: PushResult[],
+  single: (x: { i: number; key: string; actions: Action[] }) => Promise<void>,
+): Promise<void> {
+  while (todo.length > 1) {
+    let failed: { entry: (typeof todo)[number]; error: unknown } | null = null;
+    try {
+      const stored = await transaction(deps.db, async (tx) => {
+        bufferWrites(tx);
+        const locked = await lockReceived.read(tx, todo.map((x) => x.key));
+        const out: Received[] = [];
+        for (const [j, x] of todo.entries()) {
+          try {
+            out.push(await receiveInTx(tx, deps, peer.platform, x.key, x.actions, locked[j]));
+          } catch (error) {
+            failed = { entry: x, error };
+            throw error;
+          }
+        }
+        return out;
+      });
+      todo.forEach((x, j) => (results[x.i] = { key: x.key, status: 200, last_id: stored[j].last_id }));
+      return;
+    } catch {
+      const f = failed as { entry: (typeof todo)[number]; error: unknown } | null;
+      if (!f) {
+        await Promise.all(todo.map(single));
+        return;
+      }
+      todo = todo.filter((x) => x !== f.entry);
+      if (f.error instanceof UnknownConversation) await single(f.entry);
+      else results[f.entry.i] = failedEntry(deps, peer, f.entry.key, f.error);
+    }
+  }
+  if (todo.length === 1) await single(todo[0]);
 }
 
 export type { ConversationRow };
