@@ -479,13 +479,16 @@ function failedEntry(deps: Deps, peer: { platform: string }, key: string, err: u
  * alone, as a single push would.
  */
 export async function receivePushEntries(deps: Deps, peer: VerifiedPeer | { platform: string }, entries: PushEntry[]): Promise<PushResult[]> {
-  // The signatures of all entries at once: one job for the worker thread rather than many small ones on this thread.
-  await preverifyReceived(deps, entries.flatMap((e) => (Array.isArray(e.actions) ? (e.actions as Action[]) : [])));
-  const rows = await deps.db.kysely
-    .selectFrom('conversations')
-    .select(['id', 'key', 'leader', 'published'])
-    .where('key', 'in', entries.map((e) => e.key))
-    .execute();
+  // The signatures of all entries at once (one job for the worker thread rather than many
+  // small ones on this thread), while their conversations are read.
+  const [rows] = await Promise.all([
+    deps.db.kysely
+      .selectFrom('conversations')
+      .select(['id', 'key', 'leader', 'published'])
+      .where('key', 'in', entries.map((e) => e.key))
+      .execute(),
+    preverifyReceived(deps, entries.flatMap((e) => (Array.isArray(e.actions) ? (e.actions as Action[]) : []))),
+  ]);
   const known = new Map(rows.map((r) => [r.key, r]));
   const results: PushResult[] = new Array(entries.length);
   const together: { i: number; key: string; actions: Action[] }[] = [];
