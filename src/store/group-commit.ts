@@ -6,10 +6,11 @@
  * waits for one WAL flush. So concurrent writers that touch different conversations share
  * one transaction: each runs its own logic (its reads, the core rules) in turn inside it, the
  * rows they write are buffered ({@link writeRows}) and written just before the single
- * COMMIT in ONE statement (`parley_write_rows`, migrations 033 and 034: one set-based statement
- * per kind of row inside it). Ten concurrent appends then cost four round trips between them —
- * BEGIN, the shared read that locks their conversations, the writes, COMMIT — and one
- * flush, instead of ten of each.
+ * COMMIT (`parley_write_rows`, migrations 033 and 034: one set-based statement per kind of
+ * row inside it) — in two calls: one ends the serial phase, the other writes the rows that
+ * may come after it (messages, stream events: {@link RowWriter.late}). Ten concurrent appends
+ * then cost five round trips between them — BEGIN, the shared read that locks their
+ * conversations, the two writes, COMMIT — and one flush, instead of ten of each.
  *
  * Semantics, for the callers of {@link groupTransaction}:
  * - a unit of work runs in a transaction opened with `transaction()` (src/store/db.ts), so
@@ -51,6 +52,16 @@ export interface RowWriter<R> {
    * (stream events: the users' rows they lock are then held only across the commit).
    */
   readonly last?: boolean;
+  /**
+   * In a group transaction, written after its serial phase: once the other writers' rows
+   * are written the next shared transaction starts running its units, and these rows
+   * (then those of `last` writers) are written meanwhile, in a second statement just
+   * before COMMIT. For the costliest rows that nothing later in the transaction reads or
+   * locks (messages: their search vectors are a third of `parley_write_rows`), so their
+   * cost overlaps the next transaction's work instead of lengthening the phase every
+   * append waits through (issue 2, Done means 7; docs/benchmarks.md).
+   */
+  readonly late?: boolean;
   /** Receives what `parley_write_rows` returned for this kind once the rows are written (stream positions). */
   written?(tx: Tx, result: unknown): Promise<void>;
 }
@@ -127,15 +138,23 @@ export async function flushWrites(tx: Tx, last = false): Promise<void> {
   if (items.length > 0) await writeBatch(tx, items);
 }
 
-/** Makes `tx` buffer the rows given to {@link writeRows} until just before its COMMIT; `written` is called after they are written. */
+/**
+ * Makes `tx` buffer the rows given to {@link writeRows} until just before its COMMIT, where
+ * they are written in two statements: first every writer's but the `late` and `last` ones,
+ * then — after `written` is called (the end of the serial phase) — the `late` writers' and
+ * the `last` writers' rows.
+ */
 function deferWrites(tx: Tx, written: () => void): void {
   const buffer = new Map<RowWriter<unknown>, unknown[]>();
   buffers.set(tx, buffer);
   beforeCommit(tx, async () => {
     buffers.delete(tx);
     const items = [...buffer];
-    if (items.length > 0) await writeBatch(tx, [...items.filter(([w]) => !w.last), ...items.filter(([w]) => w.last)]);
+    const phase = items.filter(([w]) => !w.last && !w.late);
+    const after = [...items.filter(([w]) => w.late && !w.last), ...items.filter(([w]) => w.last)];
+    if (phase.length > 0) await writeBatch(tx, phase);
     written();
+    if (after.length > 0) await writeBatch(tx, after);
   });
 }
 
