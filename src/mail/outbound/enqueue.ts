@@ -1,3 +1,4 @@
+import { sql } from 'kysely';
 import type { Action, ActionType } from '../../core/actions.ts';
 import type { ConversationState } from '../../core/reducer.ts';
 import { type Deps, isLocalAddress, primaryDomain } from '../../context.ts';
@@ -116,14 +117,10 @@ export async function enqueueEmails(
     plugin: string;
     destination: string;
     idempotency_key: string;
-    payload: string;
+    payload: EmailDeliveryPayload;
     expires_at: Date;
-    last_error: string | null;
-    provider_ref: string | null;
-    locked_by: string | null;
-    locked_until: Date | null;
   }[] = [];
-  const messageIds: { conv_id: number; message_id: string; direction: 'out'; action_id: number }[] = [];
+  const messageIds: { conv_id: number; message_id: string; action_id: number }[] = [];
   let published = wasPublished;
   for (const a of actions) {
     if (a.act === 'conv:publish') published = true;
@@ -142,19 +139,25 @@ export async function enqueueEmails(
         plugin: 'smtp',
         destination: p.address,
         idempotency_key: `smtp:${convId}:${a.id}:${p.address}`,
-        payload: JSON.stringify(payload),
+        payload,
         expires_at: expiresAt,
-        last_error: null,
-        provider_ref: null,
-        locked_by: null,
-        locked_until: null,
       });
       any = true;
     }
-    if (any) messageIds.push({ conv_id: convId, message_id: messageId, direction: 'out', action_id: a.id });
+    if (any) messageIds.push({ conv_id: convId, message_id: messageId, action_id: a.id });
   }
   if (rows.length === 0) return;
-  await tx.insertInto('deliveries').values(rows).onConflict((oc) => oc.column('idempotency_key').doNothing()).execute();
-  await tx.insertInto('email_messages').values(messageIds).onConflict((oc) => oc.doNothing()).execute();
+  // One statement (the same text for any number of rows): the delivery rows and the Message-IDs.
+  await sql`
+    with d as (
+      insert into deliveries (conv_id, action_id, plugin, destination, idempotency_key, payload, expires_at)
+      select r.conv_id, r.action_id, r.plugin, r.destination, r.idempotency_key, r.payload, r.expires_at
+        from jsonb_to_recordset(${JSON.stringify(rows)}::jsonb)
+             as r(conv_id bigint, action_id integer, plugin text, destination text, idempotency_key text, payload jsonb, expires_at timestamptz)
+      on conflict (idempotency_key) do nothing)
+    insert into email_messages (conv_id, message_id, direction, action_id)
+    select r.conv_id, r.message_id, 'out', r.action_id
+      from jsonb_to_recordset(${JSON.stringify(messageIds)}::jsonb) as r(conv_id bigint, message_id text, action_id integer)
+    on conflict do nothing`.execute(tx);
   await notifyAfterCommit(tx, DELIVERIES_CHANNEL, '');
 }
