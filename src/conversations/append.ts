@@ -1,5 +1,5 @@
 import type { Action, ActionInput, FileRef } from '../core/actions.ts';
-import { hashAction } from '../core/actions.ts';
+import { sealAction } from '../core/actions.ts';
 import { applyAction, referencedMessages, type ConversationState } from '../core/reducer.ts';
 import { isoTime } from '../platform/clock.ts';
 import { badRequest } from '../platform/errors.ts';
@@ -158,8 +158,7 @@ export async function appendActions(
   if (h.last_ts && ts < h.last_ts) ts = h.last_ts;
   const out: Action[] = [];
   for (const input of clean) {
-    const a = { ...input, conv: h.key, id: h.last_id + 1, actor, ts, prev: h.last_hash } as Action;
-    a.hash = hashAction(a); // sealAction without a second copy of the action
+    const a = sealAction({ ...input, conv: h.key, id: h.last_id + 1, actor, ts, prev: h.last_hash });
     applyAction(state, a);
     out.push(a);
   }

@@ -18,8 +18,15 @@ export interface Actor {
   address: string;
 }
 
-/** A conversation row as {@link lockConversationsForActors} reads it, with every participant. */
-type LockedRow = ConversationRow & { p_all: Selectable<ParticipantsTable>[]; active_key_id: string | null };
+/**
+ * What {@link lockConversationsForActors} reads per conversation, as one JSON value: the
+ * conversation's columns (`c`, timestamps as JSON strings), every participant (`p`) and the
+ * id of the active signing key (`k`).
+ */
+type LockedRow = { c: ConversationRow; p: Selectable<ParticipantsTable>[]; k: string | null };
+
+/** The timestamp columns of a conversation (JSON strings in {@link LockedRow}, Dates in a ConversationRow). */
+const TIMESTAMP_COLUMNS = ['published_at', 'created_at', 'subject_lock_at', 'expiry', 'last_ts'] as const;
 
 /** What locking one conversation for one actor gave: the row, or the actor's error. */
 type LockOutcome = { row: ConversationRow } | { error: AppError };
@@ -31,10 +38,13 @@ type LockOutcome = { row: ConversationRow } | { error: AppError };
  * (never a participant, or someone else's draft), 403 `removed` after their removal. The
  * same statement reads every participant (handed to loadState: store.ts
  * preloadParticipants) and the id of the platform's active signing key (federation/keys.ts
- * noteActiveKeyId), so an append needs no other read before it writes. Every column of the
- * conversation but `search_header` is read: that tsvector (of the subject and the
- * participants) is of no use to a write, which recomputes it in SQL when it changes, and
- * would be formatted as text and parsed on every append.
+ * noteActiveKeyId), so an append needs no other read before it writes.
+ *
+ * Each conversation comes as ONE json column rather than ~20: node-postgres re-reads the
+ * row description of every execution and builds each row as a copy of a dictionary-mode
+ * object, per column — more of this statement's CPU in Node than its one JSON.parse. Every
+ * column of the conversation but `search_header` is read: that tsvector (of the subject and
+ * the participants) is of no use to a write, which recomputes it in SQL when it changes.
  *
  * The keys are read through a sub-select (`any((select $1)::text[])`) so that PostgreSQL
  * estimates every call alike and keeps one generic plan for the prepared statement: with
@@ -43,26 +53,33 @@ type LockOutcome = { row: ConversationRow } | { error: AppError };
  */
 export async function lockConversationsForActors(tx: Tx, reqs: { key: string; user: Actor }[]): Promise<LockOutcome[]> {
   const keys = [...new Set(reqs.map((r) => r.key))];
-  const r = await sql<LockedRow>`
-    select c.id, c.key, c.draft_key, c.creator, c.leader, c.published, c.published_at, c.created_at, c.subject,
-           c.subject_head, c.subject_lock_by, c.subject_lock_at, c.subject_lock_id, c.expiry, c.expiry_head, c.last_id,
-           c.last_hash, c.last_ts, c.message_count, c.org_id,
-           (select coalesce(json_agg(pa), '[]') from participants pa where pa.conv_id = c.id) as p_all,
-           (select k.key_id from platform_keys k where k.retired_at is null limit 1) as active_key_id
+  const r = await sql<{ r: LockedRow }>`
+    select json_build_object(
+             'c', json_build_object(
+                    'id', c.id, 'key', c.key, 'draft_key', c.draft_key, 'creator', c.creator, 'leader', c.leader,
+                    'published', c.published, 'published_at', c.published_at, 'created_at', c.created_at,
+                    'subject', c.subject, 'subject_head', c.subject_head, 'subject_lock_by', c.subject_lock_by,
+                    'subject_lock_at', c.subject_lock_at, 'subject_lock_id', c.subject_lock_id, 'expiry', c.expiry,
+                    'expiry_head', c.expiry_head, 'last_id', c.last_id, 'last_hash', c.last_hash, 'last_ts', c.last_ts,
+                    'message_count', c.message_count, 'org_id', c.org_id),
+             'p', (select coalesce(json_agg(pa), '[]') from participants pa where pa.conv_id = c.id),
+             'k', (select k.key_id from platform_keys k where k.retired_at is null limit 1)) as r
       from conversations c
      where c.key = any((select ${keys}::text[])::text[]) or c.draft_key = any((select ${keys}::text[])::text[])
      order by c.id
        for update of c`.execute(tx);
+  const rows = r.rows.map((x) => x.r);
   return reqs.map(({ key, user }) => {
-    const found = r.rows.find((c) => c.key === key || c.draft_key === key);
-    const p = found?.p_all.find((x) => x.address === user.address);
-    if (!found || !p || p.user_id !== user.id || (!found.published && found.creator !== user.address)) return { error: notFound('conversation') };
+    const found = rows.find((x) => x.c.key === key || x.c.draft_key === key);
+    const p = found?.p.find((x) => x.address === user.address);
+    if (!found || !p || p.user_id !== user.id || (!found.c.published && found.c.creator !== user.address)) return { error: notFound('conversation') };
     if (p.removed_id !== null)
       return { error: forbidden('removed', `you were removed from this conversation at action ${p.removed_id}`, { removed_id: p.removed_id }) };
-    const { p_all, active_key_id, ...conv } = found;
-    preloadParticipants(conv as ConversationRow, p_all);
-    if (active_key_id) noteActiveKeyId(tx, active_key_id);
-    return { row: conv as ConversationRow };
+    const conv = found.c;
+    for (const col of TIMESTAMP_COLUMNS) if (typeof conv[col] === 'string') conv[col] = new Date(conv[col]);
+    preloadParticipants(conv, found.p);
+    if (found.k) noteActiveKeyId(tx, found.k);
+    return { row: conv };
   });
 }
 
