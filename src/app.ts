@@ -69,7 +69,7 @@ export async function startPlatform(
     }
     services = await startRoleServices(deps, roles);
     if (early) {
-      const [{ buildServer, serverBuilt }, { routeModules }, { startRealtime }] = await Promise.all([
+      const [{ buildServer }, { routeModules }, { startRealtime }] = await Promise.all([
         import('./http/server.ts'),
         import('./http/routes.ts'),
         import('./streams/realtime.ts'),
@@ -79,7 +79,6 @@ export async function startPlatform(
       http = await buildServer(deps, routeModules(realtime), { server: early.server, onHandler: (h) => (handler = h) });
       await http.ready();
       early.handOver(handler!);
-      serverBuilt(http, deps);
       log.info({ url: `http://${config.httpHost}:${httpPort}` }, 'web role listening');
     }
   } catch (e) {

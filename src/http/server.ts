@@ -68,31 +68,21 @@ type Compiler = (route: unknown) => Compiled;
 /** A Fastify compiler builder (`schemaController.compilersFactory`): the shared schemas and options → a compiler. */
 type CompilerBuilder = (externalSchemas: unknown, options: unknown) => Compiler;
 
-/** Compiled functions not called yet, compiled in the background once the server is built ({@link compileRemaining}). */
-const notCompiled = new WeakMap<FastifyInstance, Set<() => void>>();
-
 /**
  * Wraps a Fastify compiler builder so that each route's validator or serializer is compiled
  * when it is first called instead of when the server is built: building compiles every
  * route's schemas with ajv and fast-json-stringify (≈ 0.5 s of a platform's start on the
  * project machine — issue 3, Done means 5: a replica's catch-up counts its start). The
  * compiled function is the one the builder makes, with the same schemas and options: the
- * validation is as strict as before, only later. `pending` collects the compilations not
- * done yet.
+ * validation is as strict as before, only later (a schema that cannot compile fails its
+ * route's first request with a 500, logged; the route tests catch it).
  */
-function lazily(build: CompilerBuilder, pending: Set<() => void>): CompilerBuilder {
+function lazily(build: CompilerBuilder): CompilerBuilder {
   return (externalSchemas, options) => {
     const compiler = build(externalSchemas, options);
     return (route) => {
       let fn: Compiled | null = null;
-      const compile = () => {
-        if (!fn) {
-          fn = compiler(route);
-          pending.delete(compile);
-        }
-        return fn;
-      };
-      pending.add(compile);
+      const compile = () => (fn ??= compiler(route));
       const lazy: Compiled = function (this: unknown, data: unknown) {
         const f = compile();
         const out = f.call(this, data);
@@ -105,33 +95,6 @@ function lazily(build: CompilerBuilder, pending: Set<() => void>): CompilerBuild
   };
 }
 
-/** How long after the server is built the route schemas no request used yet are compiled, ms. */
-const COMPILE_REMAINING_AFTER_MS = 30_000;
-
-/**
- * Compiles, a route at a time between other work (setImmediate), the validators and
- * serializers no request has used yet, {@link COMPILE_REMAINING_AFTER_MS} after start (not
- * while the platform starts: a replica is then catching up) — so a schema ajv or
- * fast-json-stringify cannot compile shows up in the log soon after start, not at that
- * route's first request.
- */
-function compileRemaining(app: FastifyInstance, deps: Deps): void {
-  const pending = notCompiled.get(app);
-  if (!pending) return;
-  const step = () => {
-    const next = pending.values().next();
-    if (next.done) return;
-    try {
-      next.value();
-    } catch (err) {
-      pending.delete(next.value);
-      deps.log.error({ err }, 'a route schema does not compile');
-    }
-    setImmediate(step).unref();
-  };
-  setTimeout(step, COMPILE_REMAINING_AFTER_MS).unref();
-}
-
 // The compilers Fastify uses by default, resolved through fastify's own dependencies.
 const fastifyRequire = createRequire(createRequire(import.meta.url).resolve('fastify'));
 
@@ -141,13 +104,12 @@ const fastifyRequire = createRequire(createRequire(import.meta.url).resolve('fas
  * body limits, and one error mapping: AppError → its status; validation → 400; bad JSON
  * → 400; too large → 413; anything else → 500 with no internals (logged).
  *
- * Route schemas are compiled on first use (or in the background after {@link serverBuilt}),
- * not while building. With `opts.server` (a node:http server, possibly already listening:
+ * Route schemas are compiled on first use, not while building. With `opts.server` (a
+ * node:http server, possibly already listening:
  * src/app.ts listens before the API is built) Fastify serves through it: the caller passes
- * the requests on with the handler `opts.server.onHandler` receives, and closes it.
+ * the requests on with the handler `opts.onHandler` receives, and closes it.
  */
 export async function buildServer(deps: Deps, modules: RouteModule[], opts: { server?: Server; onHandler?: (handler: (req: any, res: any) => void) => void } = {}): Promise<FastifyInstance> {
-  const pending = new Set<() => void>();
   const { AjvCompiler } = fastifyRequire('@fastify/ajv-compiler') as { AjvCompiler: () => CompilerBuilder };
   const { SerializerSelector } = fastifyRequire('@fastify/fast-json-stringify-compiler') as { SerializerSelector: () => CompilerBuilder };
   const options: FastifyServerOptions = {
@@ -155,7 +117,7 @@ export async function buildServer(deps: Deps, modules: RouteModule[], opts: { se
     bodyLimit: deps.config.maxBodyBytes,
     trustProxy: deps.config.trustProxy,
     ajv: { customOptions: { removeAdditional: false, coerceTypes: 'array', useDefaults: true, allErrors: false } },
-    schemaController: { compilersFactory: { buildValidator: lazily(AjvCompiler(), pending) as any, buildSerializer: lazily(SerializerSelector(), pending) as any } },
+    schemaController: { compilersFactory: { buildValidator: lazily(AjvCompiler()) as any, buildSerializer: lazily(SerializerSelector()) as any } },
   };
   if (opts.server) {
     const server = opts.server;
@@ -165,7 +127,6 @@ export async function buildServer(deps: Deps, modules: RouteModule[], opts: { se
     };
   }
   const app = Fastify(options);
-  notCompiled.set(app, pending);
   app.decorateRequest('user', null);
   app.addSchema(ErrorSchema);
   await app.register(cookie);
@@ -220,10 +181,3 @@ export async function buildServer(deps: Deps, modules: RouteModule[], opts: { se
   return app;
 }
 
-/**
- * Call once the server built by {@link buildServer} is ready (and serving): compiles the
- * route schemas no request has used yet, in the background.
- */
-export function serverBuilt(app: FastifyInstance, deps: Deps): void {
-  compileRemaining(app, deps);
-}
