@@ -211,6 +211,25 @@ describe('abuse controls on a running platform', () => {
     assert.equal(tooBig.body.error.details.max_bytes, 4096);
   });
 
+  it('a chunked federation body (no Content-Length) over the limit: 413 quoting the federation limit, not the client API one', async () => {
+    const url = `${tp.base}/federation/v1/ping`;
+    const body = JSON.stringify({ pad: 'x'.repeat(5000) });
+    const headers: Record<string, string> = signRequest({ method: 'POST', url, body, keyId: gamma.keyId, privateKey: gamma.privateKey, now: Date.now() });
+    headers['content-type'] = 'application/json';
+    const bytes = new TextEncoder().encode(body);
+    const stream = new ReadableStream<Uint8Array>({
+      start(c) {
+        for (let i = 0; i < bytes.length; i += 1000) c.enqueue(bytes.subarray(i, i + 1000));
+        c.close();
+      },
+    });
+    const r = await fetch(url, { method: 'POST', headers, body: stream, duplex: 'half' } as RequestInit);
+    const refused = await refusal(r);
+    assert.equal(refused.status, 413);
+    assert.equal(refused.code, 'too_large');
+    assert.equal(refused.body.error.details.max_bytes, 4096);
+  });
+
   it('limits each platform to its burst with 429 and Retry-After; forged requests do not spend a real platform’s budget', async () => {
     // Requests claiming beta.test's keyid but signed by another key: refused, never charged.
     const forger = { keyId: beta.keyId, privateKey: generateKeyPairSync('ed25519').privateKey };
