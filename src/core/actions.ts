@@ -118,7 +118,6 @@ export function hashAction(a: UnsealedAction | Action): string {
   return sha256Hex(canonicalJsonOmitting(a as unknown as Record<string, unknown>, NOT_HASHED));
 }
 
-
 /** Adds `hash` to an action. */
 export function sealAction(a: UnsealedAction): Action {
   return { ...a, hash: hashAction(a) };

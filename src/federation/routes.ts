@@ -129,7 +129,12 @@ export async function federationRoutes(app: FastifyInstance, deps: Deps): Promis
     scope.decorateRequest('peer', null);
     // Verify before parsing: JSON bodies stay raw bytes until the signature checks out.
     scope.removeContentTypeParser('application/json');
-    scope.addContentTypeParser('application/json', { parseAs: 'buffer', bodyLimit: deps.config.federationMaxBodyBytes }, (_req, body, done) => done(null, body));
+    scope.addContentTypeParser('application/json', { parseAs: 'buffer' }, (_req, body, done) => done(null, body));
+    // Federation bodies may be larger than the client API's: every route of this scope gets
+    // its own body limit, which the server's 413 quotes (req.routeOptions.bodyLimit).
+    scope.addHook('onRoute', (route) => {
+      route.bodyLimit ??= deps.config.federationMaxBodyBytes;
+    });
     federationAbuseHooks(scope, deps); // allow/deny lists, rate limit per platform, body size (abuse.ts)
     const auth = requirePlatform(deps);
     await blobRoutes(scope, deps, auth); // GET /federation/v1/blobs/{sha256} (blobs.ts)

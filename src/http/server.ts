@@ -159,9 +159,8 @@ export async function buildServer(deps: Deps, modules: RouteModule[], opts: { se
     if (err.code === 'FST_ERR_CTP_INVALID_JSON_BODY' || err instanceof SyntaxError || err.code === 'FST_ERR_CTP_EMPTY_JSON_BODY')
       return errorReply(reply, new AppError(400, 'invalid_json', `the body is not valid JSON: ${err.message}`));
     if (err.code === 'FST_ERR_CTP_BODY_TOO_LARGE') {
-      // Federation routes parse with their own, larger limit (src/federation/routes.ts); a
-      // chunked body (no Content-Length for abuse.ts to refuse early) ends here too.
-      const max = req.url.startsWith('/federation/') ? deps.config.federationMaxBodyBytes : deps.config.maxBodyBytes;
+      // The route's own limit when it has one (federation routes: src/federation/routes.ts).
+      const max = req.routeOptions.bodyLimit ?? deps.config.maxBodyBytes;
       return errorReply(reply, new AppError(413, 'too_large', `the body is larger than ${max} bytes`, { max_bytes: max }));
     }
     if (err.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE')
@@ -184,4 +183,3 @@ export async function buildServer(deps: Deps, modules: RouteModule[], opts: { se
   });
   return app;
 }
-
