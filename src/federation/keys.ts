@@ -231,6 +231,16 @@ export interface PublishedKey {
 }
 
 /**
+ * The discovery document served at `GET /.well-known/parley/platform` (docs/federation.md,
+ * "Discovery"): `{platform, url, keys_url}` — the platform's name (its primary domain), its
+ * base URL without a trailing slash, and the URL of its keys document.
+ */
+export function platformDocument(deps: Deps): { platform: string; url: string; keys_url: string } {
+  const url = deps.config.baseUrl.replace(/\/+$/, '');
+  return { platform: primaryDomain(deps), url, keys_url: `${url}/.well-known/parley/keys` };
+}
+
+/**
  * The document served at `GET /.well-known/parley/keys`: the platform's name and every key
  * it ever had, so that old action signatures stay verifiable (docs/federation.md).
  */

@@ -12,7 +12,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { type Deps, primaryDomain } from '../context.ts';
 import { badRequest } from '../platform/errors.ts';
 import { type VerifiedPeer, verifyRequest } from './http-signatures.ts';
-import { keysDocument } from './keys.ts';
+import { keysDocument, platformDocument } from './keys.ts';
 import { federationOf } from './runtime.ts';
 import { replicationRoutes } from './replication-routes.ts';
 import { federationAbuseHooks } from './abuse.ts';
@@ -120,9 +120,8 @@ export async function federationRoutes(app: FastifyInstance, deps: Deps): Promis
       },
     },
   }, async (_req, reply) => {
-    const url = deps.config.baseUrl.replace(/\/+$/, '');
     reply.header('cache-control', 'public, max-age=300');
-    return { platform: primaryDomain(deps), url, keys_url: `${url}/.well-known/parley/keys` };
+    return platformDocument(deps);
   });
 
   await app.register(async (scope) => {

@@ -11,8 +11,8 @@
  */
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { Duplex } from 'node:stream';
-import { type Deps, primaryDomain } from '../context.ts';
-import { keysDocument } from '../federation/keys.ts';
+import type { Deps } from '../context.ts';
+import { keysDocument, platformDocument } from '../federation/keys.ts';
 
 /** Fastify's defaults for its own server (src/http/server.ts builds on this one). */
 const KEEP_ALIVE_TIMEOUT_MS = 72_000;
@@ -63,10 +63,7 @@ export async function listenEarly(deps: Deps, host: string, port: number): Promi
       );
       return;
     }
-    if (req.method === 'GET' && req.url === '/.well-known/parley/platform') {
-      const url = deps.config.baseUrl.replace(/\/+$/, '');
-      return json(res, 200, { platform: primaryDomain(deps), url, keys_url: `${url}/.well-known/parley/keys` }, true);
-    }
+    if (req.method === 'GET' && req.url === '/.well-known/parley/platform') return json(res, 200, platformDocument(deps), true);
     held.push([req, res]);
   };
   server.on('request', onRequest);
