@@ -228,52 +228,112 @@ export async function platformUrl(deps: Deps, name: string): Promise<string> {
   return ref.url;
 }
 
+/** Pages a backfill fetches ahead of the one it is storing (each verified as soon as it arrives). */
+export const BACKFILL_PAGES_AHEAD = 2;
+/** Actions asked for in a backfill's first page: a small page starts verifying and storing sooner. */
+export const BACKFILL_FIRST_PAGE = 100;
+
+/** A backfill page fetched and checked, its signatures being verified. */
+interface FetchedPage {
+  actions: Action[];
+  last_id: number;
+  /** Resolves when its signatures have been checked ahead of verifyLog (never rejects). */
+  verified: Promise<void>;
+}
+
 /**
- * Fetches actions of conversation `key` from its leader, `GET …/actions?since=N&limit=500`
+ * Fetches actions of conversation `key` from its leader, `GET …/actions?since=N&limit=M`
  * page by page, and stores each page ({@link receiveActions}) until this platform has
  * action `upTo` (or the leader has nothing more). Used to catch up (at start, after a gap)
- * and to backfill before a proposal's answer. **Pipelined**: the next page is requested,
- * checked and its signatures verified while the previous one is being stored, so the
- * leader's reading, the transfer, this platform's verification and its writes overlap.
+ * and to backfill before a proposal's answer.
+ *
+ * **Pipelined** (issue 3, Done means 5: `catchup_10k_s`): page k + 1 is requested as soon as
+ * page k has arrived (`since` = its last id), up to {@link BACKFILL_PAGES_AHEAD} pages ahead
+ * of the page being stored; each page's signatures are verified (verify-pool.ts, the worker
+ * thread) as soon as it arrives. So the leader's reading, the transfer, the Ed25519 checks
+ * and this platform's writes all overlap, and the worker thread is not left idle while a
+ * page travels. The first page asks for {@link BACKFILL_FIRST_PAGE} actions only, the
+ * others for 500. Every page is still stored in order, each in its own transaction after
+ * verifyLog has checked it from the stored state (chain, signatures, rules).
  * @returns the last action id stored here
  * @throws AppError 502 peer_unavailable / the leader's refusal; verification errors
  */
 export async function backfillFrom(deps: Deps, leader: string, key: string, since: number, upTo = Infinity): Promise<number> {
   const base = await platformUrl(deps, leader);
-  const fetchPage = async (after: number): Promise<{ actions: Action[]; last_id: number }> => {
+  const fetchPage = async (after: number, limit: number): Promise<FetchedPage> => {
+    const t0 = performance.now();
     let r: Response;
     try {
-      r = await signedFetch(deps, `${base}/federation/v1/conversations/${key}/actions?since=${after}&limit=${MAX_PUSH_ACTIONS}`);
+      r = await signedFetch(deps, `${base}/federation/v1/conversations/${key}/actions?since=${after}&limit=${limit}`);
     } catch (e) {
       throw new AppError(502, 'peer_unavailable', `${leader}: ${(e as Error).message}`);
     }
     const text = await r.text();
     if (r.status !== 200) throw new AppError(502, 'peer_refused', `${leader} answered ${r.status} to a backfill: ${text.slice(0, 300)}`);
     const body = JSON.parse(text) as { actions: Action[]; last_id: number };
-    if (!Array.isArray(body.actions) || body.actions.length === 0) return { actions: [], last_id: body.last_id };
+    if (!Array.isArray(body.actions) || body.actions.length === 0) return { actions: [], last_id: body.last_id, verified: Promise.resolve() };
     const actions = batchOf(body);
     await checkPeerBatch(deps, { platform: leader }, { kind: 'log', key, actions, bytes: 0 });
     await fetchMissingBlobs(deps, { platform: leader }, actions);
-    await preverifyReceived(deps, actions);
-    return { actions, last_id: body.last_id };
+    const t1 = performance.now();
+    const verified = preverifyReceived(deps, actions).then(() =>
+      deps.log.debug({ up_ms: Math.round(process.uptime() * 1000), conv: key, since: after, n: actions.length, fetch_ms: Math.round(t1 - t0), verify_ms: Math.round(performance.now() - t1) }, 'backfill page verified'),
+    );
+    return { actions, last_id: body.last_id, verified };
+  };
+
+  // Pages fetched and not yet stored, in order; the fetch under way; why fetching stopped.
+  const ahead: FetchedPage[] = [];
+  let fetching = false;
+  let finished = since >= upTo;
+  let failure: { error: unknown } | null = null;
+  let cursor = since;
+  let limit = Math.min(BACKFILL_FIRST_PAGE, MAX_PUSH_ACTIONS);
+  let wake: (() => void) | null = null;
+  const pump = () => {
+    if (fetching || finished || failure || ahead.length >= BACKFILL_PAGES_AHEAD) return;
+    fetching = true;
+    fetchPage(cursor, limit)
+      .then(
+        (page) => {
+          if (page.actions.length === 0) finished = true;
+          else {
+            ahead.push(page);
+            cursor = page.actions.at(-1)!.id;
+            if (cursor >= page.last_id || cursor >= upTo) finished = true;
+          }
+        },
+        (error) => void (failure = { error }),
+      )
+      .finally(() => {
+        fetching = false;
+        limit = MAX_PUSH_ACTIONS;
+        pump();
+        wake?.();
+      });
   };
   let last = since;
-  let next: Promise<{ actions: Action[]; last_id: number }> | null = last < upTo ? fetchPage(last) : null;
   try {
-    while (next) {
-      const page = await next;
-      next = null;
-      if (page.actions.length === 0) break;
-      const end = page.actions.at(-1)!.id;
-      // The next page, fetched and verified while this one is stored.
-      if (end < page.last_id && end < upTo) next = fetchPage(end);
+    pump();
+    for (;;) {
+      if (ahead.length === 0) {
+        if (failure) throw (failure as { error: unknown }).error;
+        if (finished && !fetching) break;
+        await new Promise<void>((r) => (wake = r));
+        continue;
+      }
+      const page = ahead.shift()!;
+      pump();
+      await page.verified;
+      const t0 = performance.now();
       const got = await receiveActions(deps, leader, key, page.actions);
+      deps.log.debug({ up_ms: Math.round(process.uptime() * 1000), conv: key, last_id: got.last_id, store_ms: Math.round(performance.now() - t0) }, 'backfill page stored');
       if (got.last_id <= last) break;
       last = got.last_id;
       if (last >= page.last_id) break;
     }
   } finally {
-    next?.catch(() => {}); // a page fetched ahead that is no longer wanted
+    finished = true; // nothing more is fetched; a page under way is dropped
   }
   return last;
 }
