@@ -293,6 +293,19 @@ export async function acceptProposal(deps: Deps, peer: VerifiedPeer, key: string
       const same = stored.length === known.length && stored.every((s, i) => s.hash === known[i].hash);
       if (same && known.length === proposed.length) return { actions: stored, last_id: row.last_id };
     }
+    // An email the conversation already has (its Message-ID recorded: the leader received it
+    // too, or another follower proposed it first) — a reply-all reaches several platforms.
+    const emails = emailMessageIds(proposed);
+    if (emails.length > 0) {
+      const had = await sql<{ message_id: string; action_id: number | null }>`
+        select message_id, action_id from email_messages
+         where conv_id = ${row.id} and message_id = any(${emails.map((e) => e.message_id)}::text[]) limit 1`.execute(tx);
+      if (had.rows.length > 0)
+        throw conflict('duplicate_email', `conversation ${key} already has the email ${had.rows[0].message_id}`, {
+          message_id: had.rows[0].message_id,
+          action_id: had.rows[0].action_id,
+        });
+    }
     const first = proposed[0];
     if (first.id !== row.last_id + 1 || first.prev !== row.last_hash) {
       const since = Math.max(0, Math.min(first.id - 1, row.last_id));
@@ -315,8 +328,21 @@ export async function acceptProposal(deps: Deps, peer: VerifiedPeer, key: string
     // Adding one of this platform's addresses needs a user behind it, as for a local append (400 unknown_local_address).
     const newUserIds = await resolveLocalUsers(tx, deps, proposed.filter((a) => a.act === 'participant:add').map((a) => a.participant!));
     await storeActions(tx, deps, row, check.state, proposed, true, { rows: loadedParticipantRows.get(state) ?? new Map(), newUserIds });
+    // Recorded as received here, so the same email reaching this platform by SMTP is a duplicate.
+    if (emails.length > 0)
+      await sql`
+        insert into email_messages (conv_id, message_id, direction, action_id)
+        select ${row.id}, m, 'in', a from unnest(${emails.map((e) => e.message_id)}::text[], ${emails.map((e) => e.action_id)}::int[]) as t(m, a)
+        on conflict (conv_id, message_id) do nothing`.execute(tx);
     return { actions: proposed, last_id: check.state.header!.last_id };
   });
+}
+
+/** The Message-IDs of the emails that `actions` add as messages (a follower's bridged email replies), with their actions' ids. */
+function emailMessageIds(actions: Action[]): { message_id: string; action_id: number }[] {
+  return actions.flatMap((a) =>
+    a.act === 'message:add' && a.source?.kind === 'email' && typeof a.source.message_id === 'string' ? [{ message_id: a.source.message_id, action_id: a.id }] : [],
+  );
 }
 
 /** Pending and failed proposals of `actor` in a conversation, for the conversation's state. */

@@ -62,7 +62,7 @@ import type { EmailAuthentication } from '../authenticate.ts';
 import { noteActiveKeyId } from '../../federation/keys.ts';
 import { createResolver, type MailResolver, offlineResolver } from '../dns.ts';
 import { normalizeAddress } from '../address.ts';
-import { suppressEmails, withholdEmails } from '../outbound/enqueue.ts';
+import { parseOutboundMessageId, suppressEmails, withholdEmails } from '../outbound/enqueue.ts';
 import { type ParsedEmail, parseEmail } from '../parse.ts';
 import { noteConversationOrg } from '../../organisations/replies.ts';
 import { replyKeyOf } from './recipients.ts';
@@ -385,9 +385,35 @@ function lookupIdsOf(parsed: ParsedEmail): { mid: string | null; ids: string[]; 
   return { mid, ids, lookup: mid !== null ? [mid, ...ids] : ids };
 }
 
-/** Every recorded email with one of these Message-IDs, with each of `locals` who actively takes part in its conversation (one row each, or one row with a null address). */
+/**
+ * Every recorded email with one of these Message-IDs, with each of `locals` who actively
+ * takes part in its conversation (one row each, or one row with a null address). A
+ * Message-ID of the form another Parley platform gives its emails (outbound/enqueue.ts
+ * outboundMessageId: `<key>.<action id>@<domain>`) counts as recorded for the conversation
+ * of that key when its leader is that domain: a follower never saw the emails its leader
+ * sent to the email participants, yet a reply-all to one reaches the follower's users and
+ * must thread there, to be proposed to the leader (issue 3 §8).
+ */
 async function lookupKnown(tx: Tx, lookup: string[], locals: string[]): Promise<KnownRow[]> {
   if (lookup.length === 0) return [];
+  const sent = lookup.flatMap((id) => {
+    const p = parseOutboundMessageId(id);
+    return p ? [{ id, ...p }] : [];
+  });
+  if (sent.length > 0) {
+    const r = await sql<KnownRow>`
+      select em.conv_id, em.message_id, cv.key, cv.published, p.address
+        from email_messages em
+        join conversations cv on cv.id = em.conv_id
+        left join participants p on p.conv_id = em.conv_id and p.address = any(${locals}::text[]) and p.removed_id is null
+       where em.message_id = any(${lookup}::text[])
+      union
+      select cv.id, x.id, cv.key, cv.published, p.address
+        from unnest(${sent.map((x) => x.id)}::text[], ${sent.map((x) => x.key)}::text[], ${sent.map((x) => x.domain)}::text[]) as x(id, key, domain)
+        join conversations cv on cv.key = x.key and cv.leader = x.domain
+        left join participants p on p.conv_id = cv.id and p.address = any(${locals}::text[]) and p.removed_id is null`.execute(tx);
+    return r.rows;
+  }
   return tx
     .selectFrom('email_messages as em')
     .innerJoin('conversations as cv', 'cv.id', 'em.conv_id')

@@ -25,6 +25,18 @@ export function outboundMessageId(key: string, actionId: number, domain: string)
   return `${key}.${actionId}@${domain}`;
 }
 
+/**
+ * The conversation key and the sending platform's domain of a Message-ID made by
+ * {@link outboundMessageId} — by this platform or any other Parley platform — or null for
+ * any other Message-ID. A follower threads an email reply to the leader's email by it
+ * (issue 3 §8: it never saw that email, so has no `email_messages` row for it).
+ * @param messageId without angle brackets, e.g. `0f3c…9a.12@alpha.test`
+ */
+export function parseOutboundMessageId(messageId: string): { key: string; domain: string } | null {
+  const m = /^([0-9a-f]{32})\.[1-9][0-9]{0,9}@([^@\s]+)$/.exec(messageId);
+  return m ? { key: m[1], domain: m[2].toLowerCase() } : null;
+}
+
 /** Payload of an `smtp` delivery row: which action to render, and whether to include the whole conversation. */
 export interface EmailDeliveryPayload {
   action_id: number;
