@@ -12,7 +12,7 @@
  *
  * `verifyLog` is what a replica runs on a received log before storing any of it.
  */
-import { type KeyObject, sign, verify } from 'node:crypto';
+import { type KeyObject, sign } from 'node:crypto';
 import { type Action, hashAction } from '../core/actions.ts';
 import { applyAction, emptyState, type ConversationState } from '../core/reducer.ts';
 import { conversationKey } from '../core/keys.ts';
@@ -22,6 +22,7 @@ import type { Queryable } from '../store/db.ts';
 import { CLOCK_SKEW_S, type KeyResolver, parseKeyId } from './http-signatures.ts';
 import { type SigningKey, activeSigningKey } from './keys.ts';
 import { type SignatureJob, verifyOnWorker } from './verify-pool.ts';
+import { verifyEd25519 } from './ed25519.ts';
 
 /** The context string signed before the hash (domain separation from request signatures). */
 export const ACTION_SIG_CONTEXT = 'parley-action-v1:';
@@ -116,7 +117,7 @@ async function verifySignatureOverHash(action: Action, resolveKey: KeyResolver):
   const memo = `${action.hash}|${action.sig}`;
   const known = verified.get(memo);
   if (!known || !(known.publicKey === key.publicKey || known.publicKey.equals(key.publicKey)) || Date.now() - known.at > VERIFIED_TTL_MS) {
-    if (!verify(null, actionSigningInput(action.hash), key.publicKey, s.signature))
+    if (!verifyEd25519(key.publicKey, actionSigningInput(action.hash), s.signature))
       return { ok: false, reason: 'bad_signature', message: `action ${action.id}: the signature does not verify with ${s.keyId}` };
     remember(memo, key.publicKey);
   }

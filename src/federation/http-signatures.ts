@@ -17,7 +17,8 @@
  * the key is known and valid at `created` [unknown_key]; the signature verifies
  * [bad_signature]; the (keyid, signature) pair was not seen before [replayed].
  */
-import { createHash, createPublicKey, randomBytes, sign, verify, type KeyObject } from 'node:crypto';
+import { createHash, createPublicKey, randomBytes, sign, type KeyObject } from 'node:crypto';
+import { verifyEd25519 } from './ed25519.ts';
 import { AppError } from '../platform/errors.ts';
 import {
   type Dictionary,
@@ -316,7 +317,7 @@ export async function verifyRequest(
     if (e instanceof TypeError) throw rejected('bad_signature_input', `the request URL is not valid: ${e.message}`);
     throw e;
   }
-  if (!verify(null, Buffer.from(base, 'utf8'), key.publicKey, signature))
+  if (!verifyEd25519(key.publicKey, Buffer.from(base, 'utf8'), signature))
     throw rejected('bad_signature', `the signature does not verify with ${keyId}`, { keyid: keyId });
 
   // 6. Not seen before (kept until it would fail the freshness check anyway).
