@@ -14,6 +14,12 @@ import { type EarlyServer, listenEarly } from './http/early.ts';
 
 export { openDatabase };
 
+/**
+ * Longest the HTTP API's build waits for the first answer to the federation worker's
+ * catch-up at start, ms (see {@link startPlatform}).
+ */
+export const API_AFTER_CATCHUP_MS = 500;
+
 /** The roles one process can play (ARCHITECTURE.md, "Processes"). */
 export const ROLES = ['web', 'worker', 'smtp'] as const;
 export type Role = (typeof ROLES)[number];
@@ -37,9 +43,13 @@ export interface Platform {
  * start): the database and the signing key; the web role's port, open at once
  * (src/http/early.ts: it serves the keys document a leader needs to verify this platform's
  * requests, and holds every other request); the worker and smtp roles — the federation
- * worker asks its leaders for what it missed right away; then the HTTP API is loaded and
- * built, and takes over the port (the held requests first). The modules only the web role
- * needs (Fastify, the route modules) are loaded after the worker has started.
+ * worker asks its leaders for what it missed right away; then — once the first of those
+ * requests is answered, or after {@link API_AFTER_CATCHUP_MS} — the HTTP API is loaded and
+ * built, and takes over the port (the held requests first). Loading the API holds the main
+ * thread for a few hundred ms; before the first answer it would delay both the leader's
+ * fetch of this platform's keys (to verify the request) and the reading of the answer. The
+ * modules only the web role needs (Fastify, the route modules) are loaded after the worker
+ * has started.
  */
 export async function startPlatform(
   config: Config,
@@ -69,6 +79,11 @@ export async function startPlatform(
     }
     services = await startRoleServices(deps, roles);
     if (early) {
+      // Loading Fastify and the route modules holds this thread for a few hundred ms: not
+      // before the catch-up's first request is answered — the leader fetches this platform's
+      // keys from the early port to verify it, and its answer is read here (at most
+      // API_AFTER_CATCHUP_MS later).
+      await Promise.race([services.firstAnswer, new Promise((r) => setTimeout(r, API_AFTER_CATCHUP_MS).unref())]);
       const [{ buildServer }, { routeModules }, { startRealtime }] = await Promise.all([
         import('./http/server.ts'),
         import('./http/routes.ts'),

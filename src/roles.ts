@@ -6,6 +6,11 @@ import { startFederationWorker } from './federation/pusher.ts';
 /** Background services of the worker and smtp roles. */
 export interface RoleServices {
   smtpPort: number | null;
+  /**
+   * Resolves once the federation worker's catch-up at start has had its first answer from a
+   * leader (or had nothing to ask); at once without the worker role.
+   */
+  firstAnswer: Promise<void>;
   stop(): Promise<void>;
 }
 
@@ -18,11 +23,13 @@ export interface RoleServices {
 export async function startRoleServices(deps: Deps, roles: readonly Role[]): Promise<RoleServices> {
   const stops: (() => Promise<void>)[] = [];
   let smtpPort: number | null = null;
+  let firstAnswer = Promise.resolve();
   try {
     if (roles.includes('worker')) {
       // Replication pushes, proposals and the catch-up at start (docs/federation.md, "Replication").
       const f = await startFederationWorker(deps);
       stops.push(() => f.stop());
+      firstAnswer = f.firstAnswer;
       const w = await startDeliveryWorker(deps);
       stops.push(() => w.stop());
     }
@@ -38,6 +45,7 @@ export async function startRoleServices(deps: Deps, roles: readonly Role[]): Pro
   }
   return {
     smtpPort,
+    firstAnswer,
     stop: async () => {
       for (const s of stops.reverse()) await s();
     },

@@ -54,6 +54,11 @@ export interface FederationWorker {
   /** Resolves when no round is running or pending. */
   idle(): Promise<void>;
   stop(): Promise<void>;
+  /**
+   * Resolves once the catch-up at start has had its first answer from a leader — or had
+   * nothing to ask, or failed (src/app.ts builds the HTTP API after it: see there).
+   */
+  firstAnswer: Promise<void>;
 }
 
 async function claimLinks(deps: Deps, limit: number): Promise<LinkRow[]> {
@@ -177,7 +182,7 @@ export const STARTUP_CATCHUP_CONVERSATIONS = 1000;
  * leaders' next push attempt, which may be minutes away after a long outage. Its request also
  * tells the leader it is back (the leader resets the link's backoff).
  */
-export async function catchUpReplicas(deps: Deps, isStopped: () => boolean = () => false): Promise<number> {
+export async function catchUpReplicas(deps: Deps, isStopped: () => boolean = () => false, onAnswer?: () => void): Promise<number> {
   const r = await sql<{ key: string; leader: string; last_id: number }>`
     select key, leader, last_id from conversations
      where published and leader <> ${primaryDomain(deps)}
@@ -186,7 +191,7 @@ export async function catchUpReplicas(deps: Deps, isStopped: () => boolean = () 
   for (const c of r.rows) {
     if (isStopped()) break;
     try {
-      got += (await backfillFrom(deps, c.leader, c.key, c.last_id)) - c.last_id;
+      got += (await backfillFrom(deps, c.leader, c.key, c.last_id, Infinity, onAnswer)) - c.last_id;
     } catch (e) {
       deps.log.warn({ conv: c.key, leader: c.leader, err: (e as Error).message }, 'catch-up at start failed; the leader pushes later');
     }
@@ -523,7 +528,11 @@ export async function startFederationWorker(deps: Deps, opts: { pollMs?: number 
   const timer = setInterval(runner.kick, opts.pollMs ?? 1000);
   runner.kick();
   warmVerifyWorker(); // the catch-up's first page is checked on it
-  const catchingUp = catchUpReplicas(deps, () => stopped).catch((e) => deps.log.warn({ err: e }, 'catch-up at start failed'));
+  let answered!: () => void;
+  const firstAnswer = new Promise<void>((r) => (answered = r));
+  const catchingUp = catchUpReplicas(deps, () => stopped, answered)
+    .catch((e) => deps.log.warn({ err: e }, 'catch-up at start failed'))
+    .finally(answered);
   const allIdle = async () => {
     await runner.idle();
     for (const l of lanes.values()) await l.idle();
@@ -531,6 +540,7 @@ export async function startFederationWorker(deps: Deps, opts: { pollMs?: number 
   return {
     kick: runner.kick,
     idle: allIdle,
+    firstAnswer,
     stop: async () => {
       stopped = true;
       clearInterval(timer);

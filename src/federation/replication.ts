@@ -255,10 +255,11 @@ interface FetchedPage {
  * page travels. The first page asks for {@link BACKFILL_FIRST_PAGE} actions only, the
  * others for 500. Every page is still stored in order, each in its own transaction after
  * verifyLog has checked it from the stored state (chain, signatures, rules).
+ * @param onAnswer called when the leader answers a page request (the catch-up at start waits for its first one before the API is built: src/app.ts)
  * @returns the last action id stored here
  * @throws AppError 502 peer_unavailable / the leader's refusal; verification errors
  */
-export async function backfillFrom(deps: Deps, leader: string, key: string, since: number, upTo = Infinity): Promise<number> {
+export async function backfillFrom(deps: Deps, leader: string, key: string, since: number, upTo = Infinity, onAnswer?: () => void): Promise<number> {
   const base = await platformUrl(deps, leader);
   const fetchPage = async (after: number, limit: number): Promise<FetchedPage> => {
     const t0 = performance.now();
@@ -266,9 +267,11 @@ export async function backfillFrom(deps: Deps, leader: string, key: string, sinc
     try {
       r = await signedFetch(deps, `${base}/federation/v1/conversations/${key}/actions?since=${after}&limit=${limit}`);
     } catch (e) {
+      onAnswer?.();
       throw new AppError(502, 'peer_unavailable', `${leader}: ${(e as Error).message}`);
     }
     const text = await r.text();
+    onAnswer?.();
     if (r.status !== 200) throw new AppError(502, 'peer_refused', `${leader} answered ${r.status} to a backfill: ${text.slice(0, 300)}`);
     const body = JSON.parse(text) as { actions: Action[]; last_id: number };
     if (!Array.isArray(body.actions) || body.actions.length === 0) return { actions: [], last_id: body.last_id, verified: Promise.resolve() };
