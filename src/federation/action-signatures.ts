@@ -12,7 +12,7 @@
  *
  * `verifyLog` is what a replica runs on a received log before storing any of it.
  */
-import { type KeyObject, sign } from 'node:crypto';
+import type { KeyObject } from 'node:crypto';
 import { type Action, hashAction } from '../core/actions.ts';
 import { applyAction, emptyState, type ConversationState } from '../core/reducer.ts';
 import { conversationKey } from '../core/keys.ts';
@@ -22,7 +22,7 @@ import type { Queryable } from '../store/db.ts';
 import { CLOCK_SKEW_S, type KeyResolver, parseKeyId } from './http-signatures.ts';
 import { type SigningKey, activeSigningKey } from './keys.ts';
 import { type SignatureJob, verifyOnWorker } from './verify-pool.ts';
-import { verifyEd25519 } from './ed25519.ts';
+import { fastEd25519, signEd25519, verifyEd25519 } from './ed25519.ts';
 
 /** The context string signed before the hash (domain separation from request signatures). */
 export const ACTION_SIG_CONTEXT = 'parley-action-v1:';
@@ -34,7 +34,7 @@ export function actionSigningInput(hash: string): Buffer {
 
 /** Signs an action hash: `<keyid>:<base64url signature>`. */
 export function signActionHash(hash: string, key: Pick<SigningKey, 'keyId' | 'privateKey'>): string {
-  return `${key.keyId}:${sign(null, actionSigningInput(hash), key.privateKey).toString('base64url')}`;
+  return `${key.keyId}:${signEd25519(key.privateKey, actionSigningInput(hash)).toString('base64url')}`;
 }
 
 /** Splits a `sig` into its keyid and signature bytes; null if malformed. */
@@ -149,20 +149,25 @@ function remember(memo: string, publicKey: KeyObject): void {
   verified.set(memo, { publicKey, at: Date.now() });
 }
 
-/** Batches at least this large have their signatures checked on the worker thread (verify-pool.ts): below it, the hand-over costs about what it saves. */
-const WORKER_BATCH = 8;
+/**
+ * Batches at least this large have their signatures checked on the worker thread
+ * (verify-pool.ts): below it, the hand-over (a message each way, a thread to wake: ~0.5 ms of
+ * this thread's CPU and more under load, on the latency path of every push) costs about what
+ * it saves — 8 signatures with node:crypto (~0.12–0.25 ms each), 64 with libsodium (~0.06 ms).
+ */
+const workerBatch = () => (fastEd25519() ? 64 : 8);
 /** Raw public keys (base64url) of key objects, for the worker. */
 const rawKeys = new WeakMap<KeyObject, string>();
 
 /**
  * Checks the Ed25519 signatures of received actions ahead of {@link verifyLog} — outside the
  * transaction that will store them, while an earlier batch is being stored, and for batches
- * of {@link WORKER_BATCH} or more on a worker thread (verify-pool.ts, the other core) — and
+ * of {@link workerBatch} or more on a worker thread (verify-pool.ts, the other core) — and
  * remembers the valid ones, so that verifyLog's signature step is a lookup. Invalid or
  * unverifiable signatures are not remembered: verifyLog finds and reports them. Never throws.
  */
 export async function preverifySignatures(actions: readonly Action[], resolveKey: KeyResolver): Promise<void> {
-  if (actions.length >= WORKER_BATCH) {
+  if (actions.length >= workerBatch()) {
     const jobs: SignatureJob[] = [];
     const keys: KeyObject[] = [];
     const memos: string[] = [];

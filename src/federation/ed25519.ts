@@ -10,14 +10,18 @@
  * Same verdicts: both evaluate the same cofactorless equation (`[S]B = R + [k]A`, R compared as
  * encoded bytes) and refuse a non-canonical S; libsodium also refuses small-order and
  * non-canonical points. So what libsodium accepts OpenSSL accepts too, and its `true` is
- * final; anything it refuses is decided by OpenSSL, exactly as before it was used.
+ * final; anything it refuses is decided by OpenSSL, exactly as before it was used. Ed25519
+ * signatures are deterministic: libsodium signs the same bytes OpenSSL would (≈ 40 µs
+ * against ≈ 55 µs).
  */
 import { createRequire } from 'node:module';
-import { type KeyObject, verify } from 'node:crypto';
+import { type KeyObject, sign, verify } from 'node:crypto';
 
 /** The part of sodium-native used here. */
 interface Sodium {
   crypto_sign_verify_detached(signature: Buffer, message: Buffer, publicKey: Buffer): boolean;
+  crypto_sign_detached(signature: Buffer, message: Buffer, secretKey: Buffer): void;
+  crypto_sign_seed_keypair(publicKey: Buffer, secretKey: Buffer, seed: Buffer): void;
 }
 
 let sodium: Sodium | null | undefined;
@@ -69,4 +73,33 @@ export function verifyEd25519(publicKey: KeyObject, message: Buffer, signature: 
   } catch {
     return false;
   }
+}
+
+/** Is libsodium in use (verification about twice as fast as node:crypto's)? */
+export function fastEd25519(): boolean {
+  return loadSodium() !== null;
+}
+
+/** libsodium secret keys (seed ‖ public key, 64 bytes) of private key objects. */
+const secretKeys = new WeakMap<KeyObject, Buffer>();
+
+/**
+ * The Ed25519 signature (64 bytes) of `message` with `privateKey` — libsodium when available,
+ * else node:crypto; the same bytes either way (RFC 8032 signatures are deterministic).
+ */
+export function signEd25519(privateKey: KeyObject, message: Buffer): Buffer {
+  const s = loadSodium();
+  if (s) {
+    let sk = secretKeys.get(privateKey);
+    if (!sk) {
+      const seed = Buffer.from((privateKey.export({ format: 'jwk' }) as { d: string }).d, 'base64url');
+      sk = Buffer.alloc(64);
+      s.crypto_sign_seed_keypair(Buffer.alloc(32), sk, seed);
+      secretKeys.set(privateKey, sk);
+    }
+    const signature = Buffer.alloc(64);
+    s.crypto_sign_detached(signature, message, sk);
+    return signature;
+  }
+  return sign(null, message, privateKey);
 }

@@ -17,8 +17,8 @@
  * the key is known and valid at `created` [unknown_key]; the signature verifies
  * [bad_signature]; the (keyid, signature) pair was not seen before [replayed].
  */
-import { createHash, createPublicKey, randomBytes, sign, type KeyObject } from 'node:crypto';
-import { verifyEd25519 } from './ed25519.ts';
+import { createHash, createPublicKey, randomBytes, type KeyObject } from 'node:crypto';
+import { signEd25519, verifyEd25519 } from './ed25519.ts';
 import { AppError } from '../platform/errors.ts';
 import {
   type Dictionary,
@@ -208,7 +208,7 @@ export function signRequest(input: SignRequestInput): SignatureHeaders {
   params.set('nonce', input.nonce ?? randomBytes(16).toString('base64url'));
   const inner: InnerList = { items: COVERED_COMPONENTS.map((c) => ({ value: c, params: new Map() })), params };
   const base = signatureBase(inner, { method: input.method.toUpperCase(), url: input.url, headers: { 'content-digest': digest } });
-  const sig = sign(null, Buffer.from(base, 'utf8'), input.privateKey);
+  const sig = signEd25519(input.privateKey, Buffer.from(base, 'utf8'));
   return {
     'content-digest': digest,
     'signature-input': `${SIGNATURE_LABEL}=${serializeInnerList(inner)}`,
