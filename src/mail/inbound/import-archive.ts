@@ -24,6 +24,10 @@
  * batches at once. A batch's messages are independent of each other (every parent was
  * committed before the batch was formed), so threading is the same as one message at a
  * time; batches touching the same conversation wait for each other's row lock.
+ * Messages are prepared (raw bytes stored and fsynced, parsed, attachments stored) ahead
+ * of their batch, in archive order, up to {@link PREPARE_AHEAD} beyond the last one taken:
+ * preparing needs no database, so a batch's commit no longer waits for its messages'
+ * files and parsing — a lane goes from one commit to the next.
  *
  * Importing twice adds nothing: every message is then a duplicate (same Message-ID in a
  * conversation the owner is in, or the same bytes for a message without Message-ID).
@@ -33,7 +37,7 @@ import { ensureSigningKey } from '../../federation/keys.ts';
 import { badRequest } from '../../platform/errors.ts';
 import { normalizeAddress } from '../address.ts';
 import { type Archive, type ArchiveKind, openArchive } from '../archive.ts';
-import { commitEmails, type IngestResult, prepareEmail } from './ingest-email.ts';
+import { commitEmails, type IngestResult, type PreparedEmail, prepareEmail } from './ingest-email.ts';
 
 /** Largest total size of an archive kept in memory between the two passes, in bytes; beyond it the archive is read twice. */
 export const RETAIN_BYTES = 256 * 1024 * 1024;
@@ -147,12 +151,15 @@ export async function importArchive(deps: Deps, path: string, ownerInput: string
     else progress.threaded++;
     opts.onProgress?.({ ...progress });
   };
+  // Messages are prepared (raw bytes stored, parsed) ahead of the commits: preparing
+  // needs no database, so it need not wait for a message's parents — only its commit does.
+  const ahead = preparer(entries, PREPARE_AHEAD, PREPARE_AT_ONCE, async (e) => {
+    const raw = e.raw ?? (await rawOf!(e.index));
+    e.raw = null;
+    return prepareEmail(deps, raw, { mailFrom: '', rcptTo: [owner], remoteIp: '', helo: '' }, { mode: 'import' });
+  });
   await order.run(Math.max(1, opts.batchSize ?? BATCH_SIZE), Math.max(1, opts.concurrency ?? CONCURRENCY), async (batch) => {
-    const prepared = await mapLimit(batch, PREPARE_AT_ONCE, async (e) => {
-      const raw = e.raw ?? (await rawOf!(e.index));
-      e.raw = null;
-      return prepareEmail(deps, raw, { mailFrom: '', rcptTo: [owner], remoteIp: '', helo: '' }, { mode: 'import' });
-    });
+    const prepared = await Promise.all(batch.map((e) => ahead.take(e.index)));
     const results = await commitEmails(deps, prepared);
     // A raw message that could not be recorded (disk or database gone) stops the import.
     for (const r of results) if (r.status === 'rejected') throw r.reason;
@@ -322,22 +329,47 @@ function schedule(entries: Entry[]): Schedule {
   };
 }
 
-/** Messages of a batch parsed (and their files written) at once. */
-const PREPARE_AT_ONCE = 8;
+/** Messages being prepared (parsed, their files written) at once. */
+export const PREPARE_AT_ONCE = 8;
+/** Most messages prepared ahead of the commits (their parsed form waits in memory). */
+export const PREPARE_AHEAD = 100;
 
-/** `fn` over `xs` with at most `limit` calls at once; results in order. */
-async function mapLimit<T, R>(xs: T[], limit: number, fn: (x: T) => Promise<R>): Promise<R[]> {
-  const out: R[] = new Array(xs.length);
-  let next = 0;
-  await Promise.all(
-    Array.from({ length: Math.min(limit, xs.length) }, async () => {
-      while (next < xs.length) {
-        const i = next++;
-        out[i] = await fn(xs[i]);
-      }
-    }),
-  );
-  return out;
+/**
+ * Prepares entries in archive order, at most `atOnce` at a time and at most `ahead`
+ * beyond those taken so far; `take(i)` hands out entry i's preparation (started on demand
+ * when the read-ahead has not reached it), once. A failed preparation is reported by
+ * `take` only (never as an unhandled rejection).
+ */
+function preparer(entries: Entry[], ahead: number, atOnce: number, prepareOne: (e: Entry) => Promise<PreparedEmail>): { take(index: number): Promise<PreparedEmail> } {
+  const started = new Map<number, Promise<PreparedEmail>>();
+  const taken = new Set<number>();
+  let cursor = 0;
+  let running = 0;
+  const start = (i: number): Promise<PreparedEmail> => {
+    const p = prepareOne(entries[i]);
+    started.set(i, p);
+    running++;
+    p.catch(() => {}).finally(() => {
+      running--;
+      pump();
+    });
+    return p;
+  };
+  const pump = () => {
+    while (running < atOnce && cursor < entries.length && cursor < taken.size + ahead) {
+      if (!started.has(cursor) && !taken.has(cursor)) start(cursor);
+      cursor++;
+    }
+  };
+  return {
+    take(i) {
+      const p = started.get(i) ?? start(i);
+      started.delete(i);
+      taken.add(i);
+      pump();
+      return p;
+    },
+  };
 }
 
 function insertSorted(xs: number[], x: number): void {
