@@ -22,8 +22,8 @@
  *   out after {@link SOCKET_TIMEOUT_MS}.
  * - Every refusal is logged (warn) with the client, the command and the reason.
  * - **Write combining**: messages are parsed and authenticated as they arrive, then
- *   committed by {@link writeCombiner}: while a transaction for the same recipients is in
- *   flight, the messages that arrive queue, and the next transaction takes all of them
+ *   committed by {@link writeCombiner}: while the transactions for the same recipients are
+ *   in flight (two at most), the messages that arrive queue, and the next transaction takes all of them
  *   (ingest-email.ts `commitEmails`: one COMMIT, each recipient's stream counter locked
  *   once per batch instead of once per message). Each message is still answered only once
  *   its transaction has committed; a batch that fails is redone one message at a time, so
@@ -106,18 +106,32 @@ function cachedRecipientCheck(deps: Deps): (address: string) => ReturnType<typeo
 }
 
 /**
- * A write combiner for prepared messages: one lane per set of envelope recipients; a lane
- * commits what is queued, and whatever arrives meanwhile waits for that commit and then
- * goes in the next transaction together. A message that arrives at an idle lane is
- * committed at once (no added latency).
+ * Transactions in flight at once for one set of recipients. Two transactions of one
+ * mailbox serialise only at their end (the recipient's stream counter is locked by the
+ * stream-event statement just before COMMIT); the rest of the second — raw rows, reads,
+ * parsing rules, signing, the rows' write — runs while the first finishes. With one, a
+ * mailbox received at most one batch per transaction time.
+ */
+const LANES_PER_KEY = 2;
+
+/**
+ * A write combiner for prepared messages: for each set of envelope recipients, up to
+ * {@link LANES_PER_KEY} transactions in flight; a message that arrives while they all are
+ * busy queues, and the first to finish takes every queued message (up to
+ * {@link MAX_BATCH}) into its next transaction. A message that finds a lane free is
+ * committed at once (no added latency). Transactions of one key can only wait for each
+ * other's locks (PostgreSQL resolves a deadlock by failing one, which commitEmails then
+ * redoes message by message), never change each other's outcome: duplicates are decided
+ * under the Message-ID's lock, as between recipient sets.
  * @returns `commit(p)`, settling with the message's outcome once its transaction committed
  */
 export function writeCombiner(deps: Deps): (p: PreparedEmail) => Promise<IngestResult> {
   type Waiting = { p: PreparedEmail; resolve(r: IngestResult): void; reject(e: unknown): void };
-  const lanes = new Map<string, Waiting[]>();
-  const drain = async (key: string, queue: Waiting[]) => {
-    while (queue.length > 0) {
-      const batch = queue.splice(0, MAX_BATCH);
+  const keys = new Map<string, { queue: Waiting[]; running: number }>();
+  const drain = async (key: string, k: { queue: Waiting[]; running: number }) => {
+    k.running++;
+    while (k.queue.length > 0) {
+      const batch = k.queue.splice(0, MAX_BATCH);
       try {
         const outcomes = await commitEmails(deps, batch.map((w) => w.p));
         batch.forEach((w, i) => {
@@ -129,16 +143,15 @@ export function writeCombiner(deps: Deps): (p: PreparedEmail) => Promise<IngestR
         for (const w of batch) w.reject(e);
       }
     }
-    lanes.delete(key);
+    if (--k.running === 0) keys.delete(key);
   };
   return (p) =>
     new Promise<IngestResult>((resolve, reject) => {
       const key = [...new Set(p.envelope.rcptTo.map((a) => a.toLowerCase()))].sort().join('\n');
-      const queue = lanes.get(key);
-      if (queue) return void queue.push({ p, resolve, reject });
-      const fresh: Waiting[] = [{ p, resolve, reject }];
-      lanes.set(key, fresh);
-      void drain(key, fresh);
+      let k = keys.get(key);
+      if (!k) keys.set(key, (k = { queue: [], running: 0 }));
+      k.queue.push({ p, resolve, reject });
+      if (k.running < LANES_PER_KEY) void drain(key, k);
     });
 }
 
