@@ -5,7 +5,7 @@
  */
 import type { Deps } from '../context.ts';
 import { signRequest } from './http-signatures.ts';
-import { activeSigningKey } from './keys.ts';
+import { requestSigningKey } from './keys.ts';
 import { federationOf } from './runtime.ts';
 
 /** Longest wait for a federation request, in ms, unless the caller says otherwise. */
@@ -22,14 +22,15 @@ export interface SignedFetchInit {
 }
 
 /**
- * Sends a request signed by this platform to an absolute URL.
+ * Sends a request signed by this platform to an absolute URL, with its active key (read at
+ * most every few seconds: keys.ts requestSigningKey).
  * @returns the fetch Response (any status: the caller decides; see docs/federation.md)
  * @throws the fetch error on network failure or timeout
  */
 export async function signedFetch(deps: Deps, url: string, init: SignedFetchInit = {}): Promise<Response> {
   const method = (init.method ?? (init.json !== undefined || init.body !== undefined ? 'POST' : 'GET')).toUpperCase();
   const body = init.json !== undefined ? Buffer.from(JSON.stringify(init.json), 'utf8') : init.body === undefined ? undefined : Buffer.from(init.body);
-  const key = await activeSigningKey(deps);
+  const key = await requestSigningKey(deps);
   const sig = signRequest({ method, url, body: body ?? '', keyId: key.keyId, privateKey: key.privateKey, now: deps.clock.now() });
   const headers: Record<string, string> = { ...init.headers, ...sig };
   if (init.json !== undefined) headers['content-type'] = 'application/json';

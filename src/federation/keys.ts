@@ -157,6 +157,28 @@ export async function activeSigningKey(deps: Deps, q: Queryable = deps.db.kysely
   return ensureSigningKey(deps);
 }
 
+/** How long a process signs requests with the active key it read last before reading it again, ms. */
+export const REQUEST_KEY_TTL_MS = 5000;
+/** The key requests were last signed with, by database handle, and when it was read. */
+const requestKeys = new WeakMap<object, { key: SigningKey; at: number }>();
+
+/**
+ * The key to sign a federation request with (federation/client.ts signedFetch): the active
+ * key ({@link activeSigningKey}), read at most every {@link REQUEST_KEY_TTL_MS} — not once per
+ * request, a round trip on the path of every push and backfill page. After a rotation a
+ * running process may sign requests with the retired key for that long; it stays valid for
+ * verification (docs/federation.md, "Key publication and rotation"). Actions are signed with
+ * the key read in their own transaction, as before.
+ */
+export async function requestSigningKey(deps: Deps): Promise<SigningKey> {
+  const now = deps.clock.now();
+  const cached = requestKeys.get(deps.db);
+  if (cached && now - cached.at >= 0 && now - cached.at < REQUEST_KEY_TTL_MS && cached.key.notAfter.getTime() - now > KEY_RENEW_BEFORE_MS) return cached.key;
+  const key = await activeSigningKey(deps);
+  requestKeys.set(deps.db, { key, at: now });
+  return key;
+}
+
 /** Options of {@link rotateKey}. */
 export interface RotateOptions {
   /**
