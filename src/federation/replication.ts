@@ -276,7 +276,8 @@ export async function backfillFrom(deps: Deps, leader: string, key: string, sinc
     const body = JSON.parse(text) as { actions: Action[]; last_id: number };
     if (!Array.isArray(body.actions) || body.actions.length === 0) return { actions: [], last_id: body.last_id, verified: Promise.resolve() };
     const actions = batchOf(body);
-    await checkPeerBatch(deps, { platform: leader }, { kind: 'log', key, actions, bytes: 0 });
+    const conversation = (await knownConversations(deps, [key])).get(key) ?? null;
+    await checkPeerBatch(deps, { platform: leader }, { kind: 'log', key, actions, bytes: 0, conversation });
     await fetchMissingBlobs(deps, { platform: leader }, actions);
     const t1 = performance.now();
     const verified = preverifyReceived(deps, actions).then(() =>
@@ -478,6 +479,47 @@ async function receiveChecked(deps: Deps, peer: VerifiedPeer | { platform: strin
   }
 }
 
+/** A published conversation known here: what the checks before its transaction need. */
+interface KnownConversation {
+  id: number;
+  key: string;
+  leader: string;
+  published: boolean;
+}
+
+/** Published conversations read before, by database handle and key (at most {@link KNOWN_MAX} per handle). */
+const knownByDb = new WeakMap<object, Map<string, KnownConversation>>();
+const KNOWN_MAX = 10_000;
+
+/**
+ * The local rows (id, leader, published) of the conversations `keys` that are here — for the
+ * abuse checks and the grouping of a push's entries before their transaction. A published
+ * conversation's row is remembered: none of these columns changes once it is published (its
+ * leader is the platform that signed action 1, which its key derives from), so a live push of
+ * conversations seen before needs no statement here; the transaction that stores it locks
+ * and reads the row anyway, and checks the leader again.
+ */
+async function knownConversations(deps: Deps, keys: string[]): Promise<Map<string, KnownConversation>> {
+  let cache = knownByDb.get(deps.db);
+  if (!cache) knownByDb.set(deps.db, (cache = new Map()));
+  const out = new Map<string, KnownConversation>();
+  const missing: string[] = [];
+  for (const k of keys) {
+    const r = cache.get(k);
+    if (r) out.set(k, r);
+    else missing.push(k);
+  }
+  if (missing.length === 0) return out;
+  const rows = await deps.db.kysely.selectFrom('conversations').select(['id', 'key', 'leader', 'published']).where('key', 'in', missing).execute();
+  for (const r of rows) {
+    out.set(r.key, r);
+    if (!r.published) continue;
+    if (cache.size >= KNOWN_MAX) cache.clear();
+    cache.set(r.key, r);
+  }
+  return out;
+}
+
 /** Most conversations in one multi-conversation push (`POST /federation/v1/push`). */
 export const MAX_PUSH_CONVERSATIONS = 100;
 
@@ -544,15 +586,10 @@ function failedEntry(deps: Deps, peer: { platform: string }, key: string, err: u
 export async function receivePushEntries(deps: Deps, peer: VerifiedPeer | { platform: string }, entries: PushEntry[]): Promise<PushResult[]> {
   // The signatures of all entries at once (one job for the worker thread rather than many
   // small ones on this thread), while their conversations are read.
-  const [rows] = await Promise.all([
-    deps.db.kysely
-      .selectFrom('conversations')
-      .select(['id', 'key', 'leader', 'published'])
-      .where('key', 'in', entries.map((e) => e.key))
-      .execute(),
+  const [known] = await Promise.all([
+    knownConversations(deps, entries.map((e) => e.key)),
     preverifyReceived(deps, entries.flatMap((e) => (Array.isArray(e.actions) ? (e.actions as Action[]) : []))),
   ]);
-  const known = new Map(rows.map((r) => [r.key, r]));
   const results: PushResult[] = new Array(entries.length);
   const together: { i: number; key: string; actions: Action[] }[] = [];
   const alone: { i: number; key: string; actions: Action[] }[] = [];
