@@ -26,7 +26,7 @@
  *   rows. Units of different keys must not write the same rows.
  */
 import { sql } from 'kysely';
-import { beforeCommit, type Db, transaction, type Tx } from './db.ts';
+import { beforeCommit, type Db, dollarQuoted, pipelinedTransaction, sendWithCommit, type Tx } from './db.ts';
 
 /**
  * A kind of row written set-based. Writers of the write path name a `kind` of
@@ -74,7 +74,7 @@ const buffers = new WeakMap<object, Map<RowWriter<unknown>, unknown[]>>();
  * `kind` in one statement (`select parley_write_rows($1)`, one round trip), handing each
  * what the function returned for its kind; the others with their own `write`.
  */
-async function writeBatch(tx: Tx, items: [RowWriter<unknown>, unknown[]][]): Promise<void> {
+async function writeBatch(tx: Tx, items: [RowWriter<unknown>, unknown[]][], withCommit = false): Promise<void> {
   for (let i = 0; i < items.length; ) {
     const [first, firstRows] = items[i];
     if (first.kind === undefined) {
@@ -87,9 +87,14 @@ async function writeBatch(tx: Tx, items: [RowWriter<unknown>, unknown[]][]): Pro
     const run = items.slice(i, j);
     i = j;
     const batch = JSON.stringify(run.map(([w, rows]) => [w.kind, w.encode ? w.encode(rows) : rows]));
+    const handOut = async (rows: unknown[]) => {
+      const out = (rows[0] as { r?: Record<string, unknown> } | undefined)?.r ?? {};
+      for (const [w] of run) if (w.written && out[w.kind!] !== undefined) await w.written(tx, out[w.kind!]);
+    };
+    // The transaction's last statement travels with its COMMIT (db.ts pipelinedTransaction).
+    if (withCommit && i === items.length && sendWithCommit(tx, `select parley_write_rows(${dollarQuoted(batch)}::jsonb) as r`, handOut)) return;
     const r = await sql<{ r: Record<string, unknown> }>`select parley_write_rows(${batch}::jsonb) as r`.execute(tx);
-    const out = r.rows[0]?.r ?? {};
-    for (const [w] of run) if (w.written && out[w.kind!] !== undefined) await w.written(tx, out[w.kind!]);
+    await handOut(r.rows);
   }
 }
 
@@ -154,7 +159,7 @@ function deferWrites(tx: Tx, written: () => void): void {
     const after = [...items.filter(([w]) => w.late && !w.last), ...items.filter(([w]) => w.last)];
     if (phase.length > 0) await writeBatch(tx, phase);
     written();
-    if (after.length > 0) await writeBatch(tx, after);
+    if (after.length > 0) await writeBatch(tx, after, true);
   });
 }
 
@@ -167,6 +172,12 @@ function deferWrites(tx: Tx, written: () => void): void {
 export interface BatchRead<A, R> {
   readonly name: string;
   read(tx: Tx, args: A[]): Promise<R[]>;
+  /**
+   * The same read as one SELECT with its values written in, which the shared transaction
+   * sends in the same round trip as its BEGIN (db.ts pipelinedTransaction), and what to make
+   * of its rows (as `read` returns). Only the first read of a transaction is sent so.
+   */
+  statement?(args: A[]): { select: string; results(tx: Tx, rows: unknown[]): R[] };
 }
 
 interface Unit {
@@ -274,13 +285,15 @@ class GroupCommitter {
   /** Runs `batch` in one transaction; `worked` is called once its rows are written (COMMIT next). */
   private async run(batch: Unit[], worked: () => void): Promise<void> {
     try {
-      const results = await transaction(this.db, async (tx) => {
+      const reads = new Map<BatchRead<unknown, unknown>, Unit[]>();
+      for (const u of batch) if (u.prefetch) reads.set(u.prefetch.read, [...(reads.get(u.prefetch.read) ?? []), u]);
+      const [firstRead, firstUnits] = [...reads][0] ?? [];
+      const first = firstRead?.statement?.(firstUnits!.map((u) => u.prefetch!.arg)) ?? null;
+      const results = await pipelinedTransaction(this.db, first?.select ?? null, async (tx, firstRows) => {
         deferWrites(tx, worked);
         const prefetched = new Map<Unit, unknown>();
-        const reads = new Map<BatchRead<unknown, unknown>, Unit[]>();
-        for (const u of batch) if (u.prefetch) reads.set(u.prefetch.read, [...(reads.get(u.prefetch.read) ?? []), u]);
         for (const [read, units] of reads) {
-          const results = await read.read(tx, units.map((u) => u.prefetch!.arg));
+          const results = first && read === firstRead ? first.results(tx, firstRows) : await read.read(tx, units.map((u) => u.prefetch!.arg));
           units.forEach((u, i) => prefetched.set(u, results[i]));
         }
         const out: unknown[] = [];

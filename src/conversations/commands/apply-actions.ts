@@ -3,7 +3,7 @@ import type { Action, ActionInput } from '../../core/actions.ts';
 import { LIMITS } from '../../core/actions.ts';
 import { type AppError, badRequest, forbidden, notFound } from '../../platform/errors.ts';
 import type { Deps } from '../../context.ts';
-import type { Tx } from '../../store/db.ts';
+import { dollarQuoted, type Tx } from '../../store/db.ts';
 import { type BatchRead, groupTransactionWith } from '../../store/group-commit.ts';
 import { appendActions } from '../append.ts';
 import { type ConversationRow, preloadParticipants } from '../store.ts';
@@ -52,7 +52,7 @@ type LockOutcome = { row: ConversationRow } | { error: AppError };
  * planning cost ≈ 0.45 ms a call, more than running it (pg_stat_statements, append run).
  */
 export async function lockConversationsForActors(tx: Tx, reqs: { key: string; user: Actor }[]): Promise<LockOutcome[]> {
-  const keys = [...new Set(reqs.map((r) => r.key))];
+  const keys = keysOf(reqs);
   const r = await sql<{ r: LockedRow }>`
     select json_build_object(
              'c', json_build_object(
@@ -68,7 +68,16 @@ export async function lockConversationsForActors(tx: Tx, reqs: { key: string; us
      where c.key = any((select ${keys}::text[])::text[]) or c.draft_key = any((select ${keys}::text[])::text[])
      order by c.id
        for update of c`.execute(tx);
-  const rows = r.rows.map((x) => x.r);
+  return lockOutcomes(tx, reqs, r.rows.map((x) => x.r));
+}
+
+/** The distinct keys of `reqs`. */
+function keysOf(reqs: { key: string }[]): string[] {
+  return [...new Set(reqs.map((r) => r.key))];
+}
+
+/** Each request's outcome, from the rows of the lock read (see {@link lockConversationsForActors}). */
+function lockOutcomes(tx: Tx, reqs: { key: string; user: Actor }[], rows: LockedRow[]): LockOutcome[] {
   return reqs.map(({ key, user }) => {
     const found = rows.find((x) => x.c.key === key || x.c.draft_key === key);
     const p = found?.p.find((x) => x.address === user.address);
@@ -83,8 +92,24 @@ export async function lockConversationsForActors(tx: Tx, reqs: { key: string; us
   });
 }
 
-/** {@link lockConversationsForActors} as a read shared by the units of a group transaction. */
-const lockRead: BatchRead<{ key: string; user: Actor }, LockOutcome> = { name: 'lock conversations for actors', read: lockConversationsForActors };
+/**
+ * {@link lockConversationsForActors} as a read shared by the units of a group transaction,
+ * sent with the transaction's BEGIN as a call of `parley_lock_conversations` (migration
+ * 035_lock_function.sql: the same rows, planned once per connection).
+ */
+const lockRead: BatchRead<{ key: string; user: Actor }, LockOutcome> = {
+  name: 'lock conversations for actors',
+  read: lockConversationsForActors,
+  statement: (reqs) => ({
+    select: `select r from parley_lock_conversations(${dollarQuoted(pgTextArray(keysOf(reqs)))}::text[]) as r`,
+    results: (tx, rows) => lockOutcomes(tx, reqs, (rows as { r: LockedRow }[]).map((x) => x.r)),
+  }),
+};
+
+/** A PostgreSQL array literal of `values` (`{"a","b"}`), each element quoted. */
+function pgTextArray(values: string[]): string {
+  return `{${values.map((v) => `"${v.replace(/["\\]/g, '\\$&')}"`).join(',')}}`;
+}
 
 /**
  * Locks the conversation `key` for this transaction and authorises `user` to act on it
