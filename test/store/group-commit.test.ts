@@ -161,4 +161,52 @@ describe('stream events in shared transactions (parley_write_rows)', () => {
     const seqs = await sql<{ id: number; stream_seq: number }>`select id, stream_seq from users order by id`.execute(db.kysely);
     assert.deepEqual(new Map(seqs.rows.map((r) => [r.id, r.stream_seq])), new Map([[u1, 9], [u2, 4]]));
   });
+
+  it('rolls back a shared transaction whose last write, sent with its COMMIT, fails, and commits the other units alone', async () => {
+    const before = (await sql<{ n: number }>`select count(*)::int as n from user_events`.execute(db.kysely)).rows[0].n;
+    const outcomes = await Promise.allSettled(
+      ['c1', 'c2', 'c3'].map((key) =>
+        groupTransaction(db, key, async (tx) => {
+          // c2's event names no user: parley_write_rows raises in the statement sent with COMMIT.
+          await appendEvents(tx, [{ userId: key === 'c2' ? 999_999 : u2, convId: convs.get(key)!, kind: 'flags', payload: { key, n: 3 } }]);
+          return key;
+        }),
+      ),
+    );
+    assert.deepEqual(
+      outcomes.map((o) => o.status),
+      ['fulfilled', 'rejected', 'fulfilled'],
+    );
+    assert.equal((outcomes[1] as PromiseRejectedResult).reason.code, '23503');
+    const added = (await sql<{ key: string }>`select payload->>'key' as key from user_events order by user_id, seq offset ${before}`.execute(db.kysely)).rows;
+    assert.deepEqual(added.map((r) => r.key).sort(), ['c1', 'c3']);
+  });
+
+  it('sends a batch read that has a statement with the BEGIN, each unit getting its own result', async () => {
+    let reads = 0;
+    const doubled: BatchRead<number, number> = {
+      name: 'doubled',
+      read: async (_tx, args) => {
+        reads++;
+        return args.map((a) => a * 2);
+      },
+      statement: (args) => ({
+        select: `select x * 2 as y from unnest('{${args.join(',')}}'::int[]) with ordinality as t(x, i) order by i`,
+        results: (_tx, rows) => (rows as { y: number }[]).map((r) => r.y),
+      }),
+    };
+    const args = [1, 2, 3, 4, 5, 6];
+    const results = await Promise.all(
+      args.map((a) =>
+        groupTransactionWith(db, `d${a}`, doubled, a, async (tx, y) => {
+          // Inside the transaction the statement ran in: its snapshot is taken, its writes are its own.
+          const r = await sql<{ t: boolean }>`select now() = statement_timestamp() as t`.execute(tx);
+          return [y, r.rows[0].t];
+        }),
+      ),
+    );
+    assert.deepEqual(results.map((r) => r[0]), args.map((a) => a * 2));
+    assert.ok(results.some((r) => r[1] === false), 'the units ran inside an open transaction (now() is its start)');
+    assert.equal(reads, 0, 'the statement, not read, was used');
+  });
 });
