@@ -3,7 +3,7 @@
  * `message:add` each, from 10 concurrent clients (docs/benchmarks.md).
  */
 import { connect, type Socket } from 'node:net';
-import { expectStatus, messageBody, percentile, processCpuMs, progress, round, type ConversationPair } from './support.ts';
+import { countInstructions, expectStatus, messageBody, percentile, processCpuMs, progress, round, type ConversationPair } from './support.ts';
 
 /**
  * The writers' HTTP client: one keep-alive HTTP/1.1 connection, one request in flight. Each
@@ -118,6 +118,9 @@ export interface AppendFigures {
   append_pg_cpu_ms_per_action?: number;
   /** The benchmark client's own CPU time per action, ms (it shares the machine). */
   append_client_cpu_ms_per_action: number;
+  /** Instructions per action (perf stat, user and kernel) of the platform process and of PostgreSQL's processes, millions; absent without perf (or, for PostgreSQL, with DATABASE_URL). */
+  append_platform_minstr_per_action?: number;
+  append_pg_minstr_per_action?: number;
 }
 
 /**
@@ -132,7 +135,7 @@ export async function benchAppend(
   pairs: ConversationPair[],
   platform: { pid: number; base: string },
   pgCpuMs: () => number | null,
-  opts: { total?: number; warmup?: number; limitMs?: number } = {},
+  opts: { total?: number; warmup?: number; limitMs?: number; pgPids?: () => number[] | null } = {},
 ): Promise<AppendFigures> {
   const total = opts.total ?? 20_000;
   const warmup = opts.warmup ?? 1_000;
@@ -170,9 +173,13 @@ export async function benchAppend(
     const cpu0 = processCpuMs(platform.pid);
     const pg0 = pgCpuMs();
     const client0 = process.cpuUsage();
+    // PostgreSQL's backends for the platform's pool exist by now (the warm-up used them).
+    const instrPlatform = countInstructions([platform.pid]);
+    const instrPg = countInstructions(opts.pgPids?.() ?? []);
     const t0 = performance.now();
     await run(total, latencies);
     const elapsedMs = performance.now() - t0;
+    const [platformInstr, pgInstr] = [await instrPlatform.stop(), await instrPg.stop()];
     const done = latencies.length;
     if (done < total) progress(`append: time limit (${limitMs / 1000} s) reached after ${done} of ${total} requests`);
     const cpuMs = processCpuMs(platform.pid) - cpu0;
@@ -190,6 +197,8 @@ export async function benchAppend(
       append_platform_cpu_ms_per_action: round(cpuMs / done, 3),
       ...(pg0 !== null && pg1 !== null ? { append_pg_cpu_ms_per_action: round((pg1 - pg0) / done, 3) } : {}),
       append_client_cpu_ms_per_action: round((client.user + client.system) / 1000 / done, 3),
+      ...(Number.isFinite(platformInstr) ? { append_platform_minstr_per_action: round(platformInstr / 1e6 / done, 3) } : {}),
+      ...(Number.isFinite(pgInstr) ? { append_pg_minstr_per_action: round(pgInstr / 1e6 / done, 3) } : {}),
     };
     progress(`append: ${figures.append_actions_per_s} actions/s, p50 ${figures.append_p50_ms} ms, p99 ${figures.append_p99_ms} ms`);
     return figures;

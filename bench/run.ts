@@ -62,7 +62,7 @@ try {
       const platform = await startPlatformProcess({ databaseUrl: url, dataDir: data.dir, roles });
       try {
         const pairs = await setupPairs(platform, url, data.dir, 10);
-        if (selected.includes('append')) Object.assign(out, await benchAppend(pairs, platform, () => database.cpuMs()));
+        if (selected.includes('append')) Object.assign(out, await benchAppend(pairs, platform, () => database.cpuMs(), { pgPids: () => database.pids() }));
         let close = () => {};
         if (selected.includes('ws')) {
           const ws = await benchWebsocket(platform.base, pairs);

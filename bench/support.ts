@@ -87,6 +87,8 @@ export interface BenchDatabase {
    * and its children alive now); null with DATABASE_URL (the server may be elsewhere).
    */
   cpuMs(): number | null;
+  /** The embedded server's processes alive now (postmaster and children); null with DATABASE_URL. */
+  pids(): number[] | null;
   /** Drops the databases it created and stops the server if it started one. */
   stop(): Promise<void>;
 }
@@ -130,6 +132,7 @@ export async function startDatabase(): Promise<BenchDatabase> {
   return {
     adminUrl,
     cpuMs: () => (postmasterPid === null ? null : treeCpuMs(postmasterPid)),
+    pids: () => (postmasterPid === null ? null : [postmasterPid, ...childPids(postmasterPid)]),
     async createDatabase(prefix) {
       const name = `bench_${prefix}_${randomBytes(4).toString('hex')}`;
       await admin(`create database ${name}`);
@@ -427,16 +430,65 @@ export function exitedChildrenCpuMs(): number {
 export function treeCpuMs(pid: number): number {
   const own = statFields(pid);
   let total = (Number(own[11]) + Number(own[12]) + Number(own[13]) + Number(own[14])) * 10;
-  for (const name of readdirSync('/proc')) {
-    if (!/^\d+$/.test(name)) continue;
+  for (const child of childPids(pid)) {
     try {
-      const f = statFields(Number(name));
-      if (Number(f[1]) === pid) total += (Number(f[11]) + Number(f[12])) * 10;
+      const f = statFields(child);
+      total += (Number(f[11]) + Number(f[12])) * 10;
     } catch {
       /* exited meanwhile */
     }
   }
   return total;
+}
+
+/** The processes whose parent is `pid`, alive now (from /proc). */
+export function childPids(pid: number): number[] {
+  const out: number[] = [];
+  for (const name of readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      if (Number(statFields(Number(name))[1]) === pid) out.push(Number(name));
+    } catch {
+      /* exited meanwhile */
+    }
+  }
+  return out;
+}
+
+/**
+ * Counts the instructions (user and kernel, `perf stat -e instructions`) of the processes
+ * `pids` (each with its threads) from now until `stop()`, which resolves with the count —
+ * NaN when perf is missing, not allowed, or `pids` is empty. Instructions per operation vary
+ * far less than CPU time with the machine's speed and load (docs/benchmarks.md).
+ */
+export function countInstructions(pids: number[]): { stop(): Promise<number> } {
+  const out = join(tmpdir(), `parley-perf-${process.pid}-${randomBytes(4).toString('hex')}.csv`);
+  let child: ChildProcess | null = null;
+  if (pids.length > 0) {
+    try {
+      child = spawn('perf', ['stat', '-x,', '-e', 'instructions', '-o', out, '-p', pids.join(',')], { stdio: 'ignore' });
+      child.on('error', () => (child = null));
+    } catch {
+      child = null;
+    }
+  }
+  return {
+    async stop() {
+      if (!child || child.exitCode !== null) return NaN;
+      const exited = new Promise((r) => child!.once('exit', r));
+      child.kill('SIGINT');
+      await exited;
+      try {
+        const line = readFileSync(out, 'utf8').split('\n').find((l) => l.includes('instructions'));
+        const n = Number(line?.split(',')[0]);
+        return Number.isFinite(n) ? n : NaN;
+      } catch {
+        return NaN;
+      } finally {
+        rmSync(out, { force: true });
+      }
+    },
+  };
 }
 
 /** One writer and one reader sharing a conversation (append and websocket benchmarks). */
