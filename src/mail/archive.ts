@@ -71,7 +71,7 @@ export async function openArchive(path: string): Promise<Archive> {
     if (await isMaildir(path)) return openMaildir(path);
     return openFolder(path);
   }
-  const file = await classifyFile(path);
+  const file = await classifyFile(path, { bytes: KEEP_CONTENT_BYTES });
   if (file === null) throw new Error(`Not an email archive: ${path} is neither an email message nor an mbox file`);
   return { kind: file.kind, count: file.count, messages: () => fileMessages(file) };
 }
@@ -83,30 +83,37 @@ interface ArchiveFile {
   count: number;
   /** Whether the file starts with an mbox envelope line (its messages are then split out of it). */
   hasEnvelope: boolean;
+  /** The whole file when it was small enough to be read whole while classifying it (and the budget allowed keeping it), so it is not read again. */
+  content?: Buffer;
 }
 
+/** Bytes of small files kept from classifying them to reading their messages, per archive opened. */
+const KEEP_CONTENT_BYTES = 64 * 1024 * 1024;
+
 /** A file's kind and message count, or null when it holds no message. */
-async function classifyFile(path: string): Promise<ArchiveFile | null> {
+async function classifyFile(path: string, budget: { bytes: number } = { bytes: 0 }): Promise<ArchiveFile | null> {
   const head = await readHead(path);
+  const whole = head.length < SNIFF_BYTES;
+  // A head shorter than SNIFF_BYTES is the whole file: kept (within the budget), it is not read again.
+  const keep = (f: ArchiveFile): ArchiveFile => {
+    if (!whole || head.length > budget.bytes) return f;
+    budget.bytes -= head.length;
+    return { ...f, content: Buffer.from(head) };
+  };
   const newline = head.indexOf('\n');
   const firstLine = head.subarray(0, newline < 0 ? head.length : newline).toString('latin1');
   const isMboxNamed = MBOX_EXTENSIONS.has(extname(path).toLowerCase());
   if (isEnvelopeLine(firstLine)) {
-    // A head shorter than SNIFF_BYTES is the whole file: count it without reading it again.
-    const count = await countMboxMessages(head.length < SNIFF_BYTES ? head : path);
-    if (count >= 2 || isMboxNamed) return { path, kind: 'mbox', count, hasEnvelope: true };
-    return count === 1 ? { path, kind: 'eml-file', count, hasEnvelope: true } : null;
+    // A whole file is counted without reading it again.
+    const count = await countMboxMessages(whole ? head : path);
+    if (count >= 2 || isMboxNamed) return keep({ path, kind: 'mbox', count, hasEnvelope: true });
+    return count === 1 ? keep({ path, kind: 'eml-file', count, hasEnvelope: true }) : null;
   }
   if (isMboxNamed && head.toString('latin1').trim() === '') return { path, kind: 'mbox', count: 0, hasEnvelope: false };
   const isMessageNamed = MESSAGE_EXTENSIONS.has(extname(path).toLowerCase());
-  return looksLikeMessage(head, isMessageNamed) ? { path, kind: 'eml-file', count: 1, hasEnvelope: false } : null;
+  return looksLikeMessage(head, isMessageNamed) ? keep({ path, kind: 'eml-file', count: 1, hasEnvelope: false }) : null;
 }
 
-/**
- * Whether `head` (the start of a file) begins with a header section: a header field first
- * (tolerating stray leading whitespace) and, unless `anyFields`, one of the fields every
- * real message has; a bare MIME entity (only Content-* fields) needs `anyFields`.
- */
 function looksLikeMessage(head: Buffer, anyFields: boolean): boolean {
   const text = head.toString('latin1').trimStart();
   const headerEnd = text.search(/\r?\n\r?\n/);
@@ -117,7 +124,8 @@ function looksLikeMessage(head: Buffer, anyFields: boolean): boolean {
 async function readHead(path: string): Promise<Buffer> {
   const handle = await open(path, 'r');
   try {
-    const buffer = Buffer.alloc(SNIFF_BYTES);
+    // Only the bytes read are ever looked at.
+    const buffer = Buffer.allocUnsafe(SNIFF_BYTES);
     const { bytesRead } = await handle.read(buffer, 0, SNIFF_BYTES, 0);
     return buffer.subarray(0, bytesRead);
   } finally {
@@ -127,11 +135,11 @@ async function readHead(path: string): Promise<Buffer> {
 
 async function* fileMessages(file: ArchiveFile): AsyncGenerator<ArchiveMessage> {
   if (!file.hasEnvelope) {
-    if (file.count > 0) yield { source: file.path, raw: await readFile(file.path) };
+    if (file.count > 0) yield { source: file.path, raw: file.content ?? (await readFile(file.path)) };
     return;
   }
   let index = 0;
-  for await (const raw of splitMbox(file.path, true)) {
+  for await (const raw of splitMbox(file.content ?? file.path, true)) {
     yield { source: file.kind === 'mbox' ? `${file.path}#${index}` : file.path, raw };
     index++;
   }
@@ -183,6 +191,105 @@ async function* readLines(source: string | Buffer): AsyncGenerator<Buffer[]> {
  * messages are only counted: empty buffers are yielded.
  */
 async function* splitMbox(source: string | Buffer, collect: boolean): AsyncGenerator<Buffer> {
+  if (typeof source !== 'string') return yield* splitMboxBuffer(source, collect);
+  if ((await stat(source)).size <= READ_WHOLE_BYTES) return yield* splitMboxBuffer(await readFile(source), collect);
+  yield* splitMboxLines(source, collect);
+}
+
+/** Whether the line buf[start, end) is a header field line ({@link HEADER_FIELD_LINE}, on bytes). */
+function isHeaderFieldAt(buf: Buffer, start: number, end: number): boolean {
+  let i = start;
+  while (i < end && ((buf[i] >= 0x21 && buf[i] <= 0x39) || (buf[i] >= 0x3b && buf[i] <= 0x7e))) i++;
+  if (i === start) return false;
+  while (i < end && (buf[i] === 0x20 || buf[i] === 0x09)) i++;
+  return i < end && buf[i] === 0x3a;
+}
+
+/** Whether buf[start, end) is an mbox envelope line ({@link isEnvelopeLine}, on bytes). */
+function isEnvelopeAt(buf: Buffer, start: number, end: number): boolean {
+  return end - start >= 5 && buf[start] === 0x46 && buf[start + 1] === 0x72 && buf[start + 2] === 0x6f && buf[start + 3] === 0x6d && buf[start + 4] === 0x20 && !isHeaderFieldAt(buf, start, end);
+}
+
+/** Bytes that String.prototype.trim() removes from a latin1 string. */
+const TRIMMED = new Set([0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x20, 0xa0]);
+
+/** {@link isBlankLine} for buf[start, end). */
+function isBlankAt(buf: Buffer, start: number, end: number): boolean {
+  if (end - start > 2) return false;
+  for (let i = start; i < end; i++) if (!TRIMMED.has(buf[i])) return false;
+  return true;
+}
+
+/**
+ * {@link splitMboxLines} over bytes in memory, with the same rules and results, without a
+ * Buffer per line: lines are index ranges, and a message is one copy of its ranges.
+ */
+function* splitMboxBuffer(buf: Buffer, collect: boolean): Generator<Buffer> {
+  /** The kept lines of the current message as [start, end) pairs (after unescaping); null before the first envelope. */
+  let message: number[] | null = null;
+  let candidateStart = -1;
+  let candidateEnd = -1;
+  let previousBlank = true;
+  const append = (start: number, end: number) => {
+    if (message === null || !collect) return;
+    // unescapeFromLine: `>…>From ` loses one `>`.
+    if (buf[start] === 0x3e) {
+      let q = start;
+      while (q < end && buf[q] === 0x3e) q++;
+      if (end - q >= 5 && buf[q] === 0x46 && buf[q + 1] === 0x72 && buf[q + 2] === 0x6f && buf[q + 3] === 0x6d && buf[q + 4] === 0x20) start++;
+    }
+    message.push(start, end);
+  };
+  const finish = (): Buffer => {
+    const lines = message ?? [];
+    if (lines.length > 0 && isBlankAt(buf, lines[lines.length - 2], lines[lines.length - 1])) lines.length -= 2;
+    if (!collect) return Buffer.alloc(0);
+    const parts: Buffer[] = [];
+    let size = 0;
+    for (let k = 0; k < lines.length; ) {
+      const start = lines[k];
+      let end = lines[k + 1];
+      k += 2;
+      // Contiguous lines are one part.
+      while (k < lines.length && lines[k] === end) {
+        end = lines[k + 1];
+        k += 2;
+      }
+      parts.push(buf.subarray(start, end));
+      size += end - start;
+    }
+    return Buffer.concat(parts, size);
+  };
+  let at = 0;
+  while (at < buf.length) {
+    const newline = buf.indexOf(0x0a, at);
+    const start = at;
+    const end = newline < 0 ? buf.length : newline + 1;
+    at = end;
+    if (candidateStart >= 0) {
+      const [s0, e0] = [candidateStart, candidateEnd];
+      candidateStart = -1;
+      if (isHeaderFieldAt(buf, start, end)) {
+        if (message !== null) yield finish();
+        message = [];
+      } else {
+        append(s0, e0);
+      }
+    } else if (previousBlank && isEnvelopeAt(buf, start, end)) {
+      candidateStart = start;
+      candidateEnd = end;
+      previousBlank = false;
+      continue;
+    }
+    append(start, end);
+    previousBlank = isBlankAt(buf, start, end);
+  }
+  if (candidateStart >= 0) append(candidateStart, candidateEnd);
+  if (message !== null) yield finish();
+}
+
+/** {@link splitMbox} streaming a large file line by line. */
+async function* splitMboxLines(source: string | Buffer, collect: boolean): AsyncGenerator<Buffer> {
   let message: Buffer[] | null = null;
   let candidate: Buffer | null = null;
   let previousBlank = true;
@@ -271,8 +378,9 @@ async function folderFiles(dir: string): Promise<string[]> {
 
 async function openFolder(path: string): Promise<Archive> {
   const files: ArchiveFile[] = [];
+  const budget = { bytes: KEEP_CONTENT_BYTES };
   for (const candidate of await folderFiles(path)) {
-    const file = await classifyFile(candidate);
+    const file = await classifyFile(candidate, budget);
     if (file !== null && file.count > 0) files.push(file);
   }
   return {
