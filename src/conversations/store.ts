@@ -88,7 +88,7 @@ const preloaded = new WeakMap<ConversationRow, Selectable<ParticipantsTable>[]>(
 
 /**
  * Hands the participant rows of `row`, read under its row lock in the same transaction
- * (apply-actions.ts lockForActor), to the next {@link loadState} of that row, which then
+ * (apply-actions.ts lockConversationsForActors), to the next {@link loadState} of that row, which then
  * does not read them again. Timestamps may arrive as ISO strings (JSON).
  */
 export function preloadParticipants(row: ConversationRow, parts: Selectable<ParticipantsTable>[]): void {

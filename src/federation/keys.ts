@@ -131,7 +131,7 @@ const activeKeyHints = new WeakMap<object, string>();
  * Records that `q` (a transaction) read `keyId` as the active key id: a later
  * {@link activeSigningKey} in it then signs with the cached key of that id, if any,
  * without reading `platform_keys` again. Read in the statement that locks the conversation
- * (apply-actions.ts lockForActor), it is as current as a read of its own.
+ * (apply-actions.ts lockConversationsForActors), it is as current as a read of its own.
  */
 export function noteActiveKeyId(q: Queryable, keyId: string): void {
   activeKeyHints.set(q, keyId);

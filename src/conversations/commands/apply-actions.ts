@@ -46,28 +46,15 @@ type LockOutcome = { row: ConversationRow } | { error: AppError };
  * column of the conversation but `search_header` is read: that tsvector (of the subject and
  * the participants) is of no use to a write, which recomputes it in SQL when it changes.
  *
- * The keys are read through a sub-select (`any((select $1)::text[])`) so that PostgreSQL
- * estimates every call alike and keeps one generic plan for the prepared statement: with
- * the array visible to the planner each call looked cheaper to plan afresh, and it was —
- * planning cost ≈ 0.45 ms a call, more than running it (pg_stat_statements, append run).
+ * The statement is the PL/pgSQL function `parley_lock_conversations` (migration
+ * 035_lock_function.sql), which keeps one generic plan per connection (its keys are read
+ * through a sub-select so that every call is estimated alike: planned afresh, each call cost
+ * ≈ 0.45 ms of planning, more than running it), and which a group transaction sends in the
+ * same round trip as its BEGIN ({@link lockRead}).
  */
 export async function lockConversationsForActors(tx: Tx, reqs: { key: string; user: Actor }[]): Promise<LockOutcome[]> {
   const keys = keysOf(reqs);
-  const r = await sql<{ r: LockedRow }>`
-    select json_build_object(
-             'c', json_build_object(
-                    'id', c.id, 'key', c.key, 'draft_key', c.draft_key, 'creator', c.creator, 'leader', c.leader,
-                    'published', c.published, 'published_at', c.published_at, 'created_at', c.created_at,
-                    'subject', c.subject, 'subject_head', c.subject_head, 'subject_lock_by', c.subject_lock_by,
-                    'subject_lock_at', c.subject_lock_at, 'subject_lock_id', c.subject_lock_id, 'expiry', c.expiry,
-                    'expiry_head', c.expiry_head, 'last_id', c.last_id, 'last_hash', c.last_hash, 'last_ts', c.last_ts,
-                    'message_count', c.message_count, 'org_id', c.org_id),
-             'p', (select coalesce(json_agg(pa), '[]') from participants pa where pa.conv_id = c.id),
-             'k', (select k.key_id from platform_keys k where k.retired_at is null limit 1)) as r
-      from conversations c
-     where c.key = any((select ${keys}::text[])::text[]) or c.draft_key = any((select ${keys}::text[])::text[])
-     order by c.id
-       for update of c`.execute(tx);
+  const r = await sql<{ r: LockedRow }>`select r from parley_lock_conversations(${keys}::text[]) as r`.execute(tx);
   return lockOutcomes(tx, reqs, r.rows.map((x) => x.r));
 }
 
@@ -109,17 +96,6 @@ const lockRead: BatchRead<{ key: string; user: Actor }, LockOutcome> = {
 /** A PostgreSQL array literal of `values` (`{"a","b"}`), each element quoted. */
 function pgTextArray(values: string[]): string {
   return `{${values.map((v) => `"${v.replace(/["\\]/g, '\\$&')}"`).join(',')}}`;
-}
-
-/**
- * Locks the conversation `key` for this transaction and authorises `user` to act on it
- * ({@link lockConversationsForActors} for one request).
- * @throws AppError 404 conversation, 403 removed
- */
-export async function lockForActor(tx: Tx, key: string, user: Actor): Promise<ConversationRow> {
-  const [outcome] = await lockConversationsForActors(tx, [{ key, user }]);
-  if ('error' in outcome) throw outcome.error;
-  return outcome.row;
 }
 
 /** The answer of {@link applyActions}. */
