@@ -596,8 +596,9 @@ function failedEntry(deps: Deps, peer: { platform: string }, key: string, err: u
  * Resolves once every stored entry is committed.
  *
  * How (issue 3, Done means 5: replication latency): the signatures of all entries are
- * checked in one job (the worker thread for 8 or more), the entries' conversations read in
- * one statement for the abuse checks, and the entries that continue conversations known here
+ * checked in one job (the worker thread for 64 or more with libsodium, else 8), the entries'
+ * conversations read in one statement for the abuse checks — none when this process has seen
+ * them all before ({@link knownConversations}) — and the entries that continue conversations known here
  * are stored in **one transaction** ({@link receiveTogether}): one lock statement, their rows
  * written in one statement before one COMMIT. The others (a new conversation, a join) go
  * alone, as a single push would.
