@@ -14,9 +14,8 @@
  *   (spawn) → B's copy of the conversation has A's last action, read from B's database.
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { appendFileSync, readFileSync, rmSync } from 'node:fs';
+import { appendFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { tmpdir } from 'node:os';
 // @ts-expect-error — a plain ES module without types (scripts/cli-bundle.mjs)
 import { bundleIsCurrent } from '../scripts/cli-bundle.mjs';
 import pg from 'pg';
@@ -31,6 +30,7 @@ import { migrate } from '../src/store/migrate.ts';
 import {
   type BenchDatabase,
   BENCH_PASSWORD,
+  countInstructions,
   PARLEY_BIN,
   ROOT,
   expectStatus,
@@ -177,38 +177,6 @@ async function createMemberUsers(m: Member, addresses: string[]): Promise<void> 
   }
 }
 
-/**
- * Counts the user-space instructions of process `pid` with `perf stat -e instructions` until
- * `stop()` (SIGINT), which resolves with the count (NaN when perf is missing or not allowed).
- */
-function countInstructions(pid: number): { stop(): Promise<number> } {
-  const out = join(tmpdir(), `parley-perf-${pid}-${Date.now()}.csv`);
-  let child: ReturnType<typeof spawn> | null = null;
-  try {
-    child = spawn('perf', ['stat', '-x,', '-e', 'instructions', '-o', out, '-p', String(pid)], { stdio: 'ignore' });
-    child.on('error', () => (child = null));
-  } catch {
-    child = null;
-  }
-  return {
-    async stop() {
-      if (!child || child.exitCode !== null) return NaN;
-      const exited = new Promise((r) => child!.once('exit', r));
-      child.kill('SIGINT');
-      await exited;
-      try {
-        const line = readFileSync(out, 'utf8').split('\n').find((l) => l.includes('instructions'));
-        const n = Number(line?.split(',')[0]);
-        return Number.isFinite(n) ? n : NaN;
-      } catch {
-        return NaN;
-      } finally {
-        rmSync(out, { force: true });
-      }
-    },
-  };
-}
-
 /** Prints the statements of pg_stat_statements since the last reset, most frequent first, and resets them (BENCH_FEDERATION_STATEMENTS). */
 async function printStatements(client: pg.Client, phase: string): Promise<void> {
   const r = await client.query(
@@ -334,8 +302,8 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
     progress(`federation: ${WRITERS} writers on A × ${perWriter} actions, as fast as answered; readers on B's websockets`);
     const cpuA0 = processCpuMs(A.proc!.pid);
     const cpuB0 = processCpuMs(B.proc!.pid);
-    const perfA = countInstructions(A.proc!.pid);
-    const perfB = countInstructions(B.proc!.pid);
+    const perfA = countInstructions([A.proc!.pid]);
+    const perfB = countInstructions([B.proc!.pid]);
     const t0 = performance.now();
     await Promise.all(
       writerClients.map(async (w, c) => {
@@ -404,8 +372,8 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
     const listening = performance.now();
     const cpuCA0 = processCpuMs(A.proc!.pid);
     const cpuCB0 = processCpuMs(B.proc!.pid);
-    const perfCA = countInstructions(A.proc!.pid);
-    const perfCB = countInstructions(B.proc!.pid);
+    const perfCA = countInstructions([A.proc!.pid]);
+    const perfCB = countInstructions([B.proc!.pid]);
     let firstMoved = 0;
     await until(
       async () => {
