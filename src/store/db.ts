@@ -149,9 +149,8 @@ export async function pipelinedTransaction<T>(db: Db, first: string | null, fn: 
     pendingNotices.set(tx, notices);
     const hooks: (() => Promise<void>)[] = [];
     beforeCommitHooks.set(tx, hooks);
-    let open = false;
+    let open = true;
     try {
-      open = true;
       const r0 = first === null ? await sql.raw('begin').execute(conn) : await sql.raw(`${BEGIN_WITH}${first}`).execute(conn);
       const r = await fn(tx, first === null ? [] : r0.rows);
       for (let i = 0; i < hooks.length; i++) await hooks[i]();
@@ -159,7 +158,10 @@ export async function pipelinedTransaction<T>(db: Db, first: string | null, fn: 
       if (last) {
         const rows = (await sql.raw(`${last.select}${WITH_COMMIT}`).execute(conn)).rows;
         open = false;
-        await last.rows(rows);
+        // Committed: nothing may fail the transaction now (its units would be run again).
+        // What `rows` does is announce what was written; a notification lost costs latency
+        // only — listeners poll as well (src/streams/realtime.ts).
+        await last.rows(rows).catch(() => {});
       } else {
         await sql.raw('commit').execute(conn);
         open = false;
