@@ -8,7 +8,10 @@ import { tooLarge } from './errors.ts';
 /**
  * The content-addressed blob store: bytes on disk under `<dir>/ab/cd/<sha256>`, named by
  * their SHA-256 (hex). Writes go to a temporary file, are fsynced and renamed into place,
- * so a blob is either complete or absent; writing the same bytes twice is harmless.
+ * so a blob is either complete or absent; writing the same bytes twice is harmless. The
+ * directory that receives the name is fsynced too (and, when a fan-out directory is made,
+ * the directories above it), so once `put` resolves the blob survives a crash on any
+ * filesystem — an SMTP 250 is answered only after its raw message is durable (issue 2 §6).
  */
 export class BlobStore {
   constructor(readonly dir: string) {
@@ -78,10 +81,13 @@ export class BlobStore {
     const dest = this.path(sha256);
     const dir = join(dest, '..');
     if (!this.made.has(dir)) {
-      await mkdir(dir, { recursive: true });
+      const created = await mkdir(dir, { recursive: true });
+      // New fan-out directories: the entries naming them are made durable, top down.
+      if (created !== undefined) for (const d of [this.dir, join(dir, '..')]) await syncDirectory(d);
       this.made.add(dir);
     }
     await rename(tmp, dest);
+    await syncDirectory(dir);
   }
 
   /** A read stream of a blob. @throws Error ENOENT when absent */
@@ -96,5 +102,15 @@ export class BlobStore {
     } catch {
       return null;
     }
+  }
+}
+
+/** fsyncs a directory, making the entries renamed or created in it durable (POSIX leaves them in memory until then). */
+async function syncDirectory(dir: string): Promise<void> {
+  const fh = await open(dir, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
   }
 }
