@@ -22,7 +22,7 @@ import type { Queryable } from '../store/db.ts';
 import { CLOCK_SKEW_S, type KeyResolver, parseKeyId } from './http-signatures.ts';
 import { type SigningKey, activeSigningKey } from './keys.ts';
 import { type SignatureJob, verifyOnWorker } from './verify-pool.ts';
-import { fastEd25519, signEd25519, verifyEd25519 } from './ed25519.ts';
+import { fastEd25519, publicKeyBytes, signEd25519, verifyEd25519 } from './ed25519.ts';
 
 /** The context string signed before the hash (domain separation from request signatures). */
 export const ACTION_SIG_CONTEXT = 'parley-action-v1:';
@@ -156,8 +156,6 @@ function remember(memo: string, publicKey: KeyObject): void {
  * it saves — 8 signatures with node:crypto (~0.12–0.25 ms each), 64 with libsodium (~0.06 ms).
  */
 const workerBatch = () => (fastEd25519() ? 64 : 8);
-/** Raw public keys (base64url) of key objects, for the worker. */
-const rawKeys = new WeakMap<KeyObject, string>();
 
 /**
  * Checks the Ed25519 signatures of received actions ahead of {@link verifyLog} — outside the
@@ -180,9 +178,7 @@ export async function preverifySignatures(actions: readonly Action[], resolveKey
       const memo = `${a.hash}|${a.sig}`;
       const known = verified.get(memo);
       if (known && known.publicKey === key.publicKey) continue;
-      let raw = rawKeys.get(key.publicKey);
-      if (!raw) rawKeys.set(key.publicKey, (raw = (key.publicKey.export({ format: 'jwk' }) as { x: string }).x));
-      jobs.push({ publicKey: raw, message: ACTION_SIG_CONTEXT + a.hash, signature: a.sig.slice(a.sig.lastIndexOf(':') + 1) });
+      jobs.push({ publicKey: publicKeyBytes(key.publicKey).toString('base64url'), message: ACTION_SIG_CONTEXT + a.hash, signature: a.sig.slice(a.sig.lastIndexOf(':') + 1) });
       keys.push(key.publicKey);
       memos.push(memo);
     }

@@ -53,6 +53,20 @@ function loadSodium(): Sodium | null {
 const rawKeys = new WeakMap<KeyObject, Buffer>();
 
 /**
+ * The raw 32 bytes of an Ed25519 public key (RFC 8032 §5.1.5), remembered per key object.
+ * @throws TypeError when `publicKey` is not an Ed25519 public key
+ */
+export function publicKeyBytes(publicKey: KeyObject): Buffer {
+  let raw = rawKeys.get(publicKey);
+  if (!raw) {
+    const x = (publicKey.export({ format: 'jwk' }) as { x?: string }).x;
+    if (!x) throw new TypeError('not an Ed25519 key');
+    rawKeys.set(publicKey, (raw = Buffer.from(x, 'base64url')));
+  }
+  return raw;
+}
+
+/**
  * Does `signature` (64 bytes) verify over `message` with the Ed25519 public key `publicKey`?
  * libsodium first when available (a `true` is final), else — and for anything it refuses —
  * node:crypto's verdict. Never throws for a wrong-sized signature (false).
@@ -60,9 +74,8 @@ const rawKeys = new WeakMap<KeyObject, Buffer>();
 export function verifyEd25519(publicKey: KeyObject, message: Buffer, signature: Buffer): boolean {
   const s = loadSodium();
   if (s && signature.length === 64) {
-    let raw = rawKeys.get(publicKey);
-    if (!raw) rawKeys.set(publicKey, (raw = Buffer.from((publicKey.export({ format: 'jwk' }) as { x: string }).x, 'base64url')));
     try {
+      const raw = publicKeyBytes(publicKey);
       if (raw.length === 32 && s.crypto_sign_verify_detached(signature, message, raw)) return true;
     } catch {
       /* decided below */

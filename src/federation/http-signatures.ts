@@ -18,7 +18,7 @@
  * [bad_signature]; the (keyid, signature) pair was not seen before [replayed].
  */
 import { createHash, createPublicKey, randomBytes, type KeyObject } from 'node:crypto';
-import { signEd25519, verifyEd25519 } from './ed25519.ts';
+import { publicKeyBytes, signEd25519, verifyEd25519 } from './ed25519.ts';
 import { AppError } from '../platform/errors.ts';
 import {
   type Dictionary,
@@ -336,7 +336,5 @@ export function publicKeyFromRaw(b64url: string): KeyObject {
 
 /** The raw 32 bytes of an Ed25519 public key, base64url without padding. */
 export function rawPublicKey(key: KeyObject): string {
-  const jwk = key.export({ format: 'jwk' }) as { x?: string };
-  if (!jwk.x) throw new TypeError('not an Ed25519 key');
-  return jwk.x;
+  return publicKeyBytes(key).toString('base64url');
 }
