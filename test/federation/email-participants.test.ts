@@ -41,18 +41,20 @@ describe('email participants of a conversation led elsewhere', () => {
     ).rows;
   const mailsTo = (sink: SmtpSink, rcpt: string) => sink.messages.filter((m) => m.rcptTo.includes(rcpt));
 
-  it('only the leader mails them; a reply by email at a follower is proposed to the leader, applied once and replicated', async () => {
-    const zoe = 'zoe@mail.example';
-    const alice = await A.user('alice@alpha.test');
-    const bob = await B.user('bob@beta.test');
-    const created = await alice.post('/api/conversations', {
-      subject: 'Venue for the offsite',
-      participants: ['bob@beta.test', zoe],
-      messages: [{ body: 'Shall we book the lake house?' }],
-    });
+  /** `aliceAddr` (on alpha.test) starts a conversation with `bobAddr` (on beta.test) and the email participant `emailAddr`; resolves once beta.test has it. */
+  async function startWithEmailParticipant(aliceAddr: string, bobAddr: string, emailAddr: string, subject: string, body: string) {
+    const alice = await A.user(aliceAddr);
+    const bob = await B.user(bobAddr);
+    const created = await alice.post('/api/conversations', { subject, participants: [bobAddr, emailAddr], messages: [{ body }] });
     assert.equal(created.status, 201, JSON.stringify(created.body));
     const key: string = created.body.key;
     await waitUntil('beta.test to have the conversation', async () => (await bob.get(`/api/conversations/${key}`)).status === 200);
+    return { alice, bob, key };
+  }
+
+  it('only the leader mails them; a reply by email at a follower is proposed to the leader, applied once and replicated', async () => {
+    const zoe = 'zoe@mail.example';
+    const { bob, key } = await startWithEmailParticipant('alice@alpha.test', 'bob@beta.test', zoe, 'Venue for the offsite', 'Shall we book the lake house?');
 
     // bob (on the follower) writes: proposed to alpha.test, numbered there, mailed to zoe by alpha.test.
     const byBob = await bob.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:add', body: 'Fine by me.' }] });
@@ -93,16 +95,7 @@ describe('email participants of a conversation led elsewhere', () => {
 
   it('a reply-all that reaches the leader and a follower alike is applied once', async () => {
     const zoe = 'yan@mail.example';
-    const alice = await A.user('alice2@alpha.test');
-    const bob = await B.user('bob2@beta.test');
-    const created = await alice.post('/api/conversations', {
-      subject: 'Budget review',
-      participants: ['bob2@beta.test', zoe],
-      messages: [{ body: 'Numbers attached next week.' }],
-    });
-    assert.equal(created.status, 201, JSON.stringify(created.body));
-    const key: string = created.body.key;
-    await waitUntil('beta.test to have the conversation', async () => (await bob.get(`/api/conversations/${key}`)).status === 200);
+    const { key } = await startWithEmailParticipant('alice2@alpha.test', 'bob2@beta.test', zoe, 'Budget review', 'Numbers attached next week.');
     const first = await waitUntil('alpha.test to mail the email participant', async () => mailsTo(relayA, zoe)[0]);
 
     const reply = {
