@@ -1,58 +1,94 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { createReadStream, existsSync, mkdirSync, type ReadStream } from 'node:fs';
-import { mkdir, open, rename, rm, stat } from 'node:fs/promises';
+import { closeSync, createReadStream, existsSync, fsync, mkdirSync, openSync, type ReadStream, renameSync, unlinkSync, writeSync } from 'node:fs';
+import { open, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
+import { promisify } from 'node:util';
 import { tooLarge } from './errors.ts';
 
+const fsyncFd = promisify(fsync);
+
 /**
- * The content-addressed blob store: bytes on disk under `<dir>/ab/cd/<sha256>`, named by
- * their SHA-256 (hex). Writes go to a temporary file, are fsynced and renamed into place,
- * so a blob is either complete or absent; writing the same bytes twice is harmless. The
- * directory that receives the name is fsynced too (and, when a fan-out directory is made,
- * the directories above it), so once `put` resolves the blob survives a crash on any
+ * The content-addressed blob store: bytes on disk under `<dir>/ab/<sha256>` (one level of
+ * 256 fan-out directories named by the first two hex digits), named by their SHA-256 (hex).
+ * Writes go to a temporary file, are fsynced and renamed into place, so a blob is either
+ * complete or absent; writing the same bytes twice is harmless. The directory that
+ * receives the name is fsynced too (and the store's directory, the first time this process
+ * uses a fan-out directory), so once `put` resolves the blob survives a crash on any
  * filesystem — an SMTP 250 is answered only after its raw message is durable (issue 2 §6).
+ *
+ * Stores written before 2026-11-22 (session 6) used two levels, `<dir>/ab/cd/<sha256>`:
+ * nearly every new blob then made a directory of its own (one more inode to allocate
+ * and two more directories to fsync). Such blobs are still found: every read looks
+ * at `ab/<sha256>` first and then at `ab/cd/<sha256>`; new blobs always go to the flat
+ * layout, so an old store ends up mixed, which is fine (docs/operations.md, "Backups").
  */
 export class BlobStore {
+  /** Fan-out directories this process has made sure of (created, and named durably in `dir`): first two hex digits → done. */
+  private readonly fanOut = new Map<string, Promise<void>>();
+
   constructor(readonly dir: string) {
     mkdirSync(join(dir, 'tmp'), { recursive: true });
   }
 
-  /** Path of a blob (whether or not it exists). @throws Error for a malformed sha256 */
+  /** Where a blob is written: `<dir>/ab/<sha256>` (whether or not it exists). @throws Error for a malformed sha256 */
   path(sha256: string): string {
     if (!/^[0-9a-f]{64}$/.test(sha256)) throw new Error(`invalid sha256 ${sha256}`);
-    return join(this.dir, sha256.slice(0, 2), sha256.slice(2, 4), sha256);
+    return join(this.dir, sha256.slice(0, 2), sha256);
   }
 
+  /** The path of a stored blob (flat layout first, then the two-level layout of older stores), or null when absent. @throws Error for a malformed sha256 */
+  private locate(sha256: string): string | null {
+    const flat = this.path(sha256);
+    if (existsSync(flat)) return flat;
+    const legacy = join(this.dir, sha256.slice(0, 2), sha256.slice(2, 4), sha256);
+    return existsSync(legacy) ? legacy : null;
+  }
+
+  /** Whether the blob is stored. @throws Error for a malformed sha256 */
   has(sha256: string): boolean {
-    return existsSync(this.path(sha256));
+    return this.locate(sha256) !== null;
   }
 
-  /** Stores bytes durably. Returns their SHA-256 and size in bytes. */
+  /**
+   * Stores bytes durably (see the class comment). Returns their SHA-256 (hex) and size in
+   * bytes. @throws Error (from the filesystem) when they could not be stored: nothing may
+   * then be acknowledged
+   */
   async put(data: Uint8Array): Promise<{ sha256: string; size: number }> {
     const sha256 = createHash('sha256').update(data).digest('hex');
     if (!this.has(sha256)) {
-      const tmp = join(this.dir, 'tmp', randomBytes(8).toString('hex'));
-      const fh = await open(tmp, 'w');
+      // Synchronous open/write/close: for a small file in the page cache they cost less
+      // than a trip through libuv's thread pool each; only the fsyncs (which wait for the
+      // disk) go there.
+      const tmp = this.tmpPath();
+      const fd = openSync(tmp, 'wx');
       try {
-        await fh.writeFile(data);
-        await fh.sync();
-      } finally {
-        await fh.close();
+        for (let at = 0; at < data.byteLength; ) at += writeSync(fd, data, at, data.byteLength - at);
+        await fsyncFd(fd);
+      } catch (e) {
+        closeSync(fd);
+        try {
+          unlinkSync(tmp);
+        } catch {
+          // already gone: nothing to clean up
+        }
+        throw e;
       }
+      closeSync(fd);
       await this.moveIntoPlace(tmp, sha256);
     }
     return { sha256, size: data.byteLength };
   }
 
   /**
-   * Stores a stream durably, refusing more than `maxBytes`.
+   * Stores a stream durably, refusing more than `maxBytes`. Returns its SHA-256 (hex) and size.
    * @throws AppError 413 when the stream exceeds maxBytes (nothing is kept)
    */
   async putStream(stream: Readable, maxBytes: number): Promise<{ sha256: string; size: number }> {
-    const tmp = join(this.dir, 'tmp', randomBytes(8).toString('hex'));
+    const tmp = this.tmpPath();
     const hash = createHash('sha256');
-    const fh = await open(tmp, 'w');
+    const fh = await open(tmp, 'wx');
     let size = 0;
     try {
       for await (const chunk of stream) {
@@ -74,43 +110,59 @@ export class BlobStore {
     return { sha256, size };
   }
 
-  /** Fan-out directories known to exist (creating one is a synchronous syscall per write otherwise). */
-  private readonly made = new Set<string>();
-
-  private async moveIntoPlace(tmp: string, sha256: string): Promise<void> {
-    const dest = this.path(sha256);
-    const dir = join(dest, '..');
-    if (!this.made.has(dir)) {
-      const created = await mkdir(dir, { recursive: true });
-      // New fan-out directories: the entries naming them are made durable, top down.
-      if (created !== undefined) for (const d of [this.dir, join(dir, '..')]) await syncDirectory(d);
-      this.made.add(dir);
-    }
-    await rename(tmp, dest);
-    await syncDirectory(dir);
-  }
-
-  /** A read stream of a blob. @throws Error ENOENT when absent */
+  /** A read stream of a blob. Absent, the stream emits an ENOENT error. */
   read(sha256: string): ReadStream {
-    return createReadStream(this.path(sha256));
+    return createReadStream(this.locate(sha256) ?? this.path(sha256));
   }
 
   /** Size in bytes, or null when absent. */
   async size(sha256: string): Promise<number | null> {
+    const at = this.locate(sha256);
+    if (at === null) return null;
     try {
-      return (await stat(this.path(sha256))).size;
+      return (await stat(at)).size;
     } catch {
       return null;
     }
+  }
+
+  private tmpPath(): string {
+    return join(this.dir, 'tmp', randomBytes(8).toString('hex'));
+  }
+
+  /** Renames a complete, fsynced temporary file to its blob path and makes that name durable. */
+  private async moveIntoPlace(tmp: string, sha256: string): Promise<void> {
+    const dest = this.path(sha256);
+    const prefix = sha256.slice(0, 2);
+    let ready = this.fanOut.get(prefix);
+    if (ready === undefined) {
+      // Once per fan-out directory and process: created if missing, and the store's
+      // directory fsynced so that the entry naming it is durable — also when another
+      // process created it and may have died before its own fsync. Concurrent writers of
+      // the same prefix wait for the same promise.
+      ready = (async () => {
+        try {
+          mkdirSync(join(this.dir, prefix));
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
+        }
+        await syncDirectory(this.dir);
+      })();
+      this.fanOut.set(prefix, ready);
+      ready.catch(() => this.fanOut.delete(prefix));
+    }
+    await ready;
+    renameSync(tmp, dest);
+    await syncDirectory(join(this.dir, prefix));
   }
 }
 
 /** fsyncs a directory, making the entries renamed or created in it durable (POSIX leaves them in memory until then). */
 async function syncDirectory(dir: string): Promise<void> {
-  const fh = await open(dir, 'r');
+  const fd = openSync(dir, 'r');
   try {
-    await fh.sync();
+    await fsyncFd(fd);
   } finally {
-    await fh.close();
+    closeSync(fd);
   }
 }
