@@ -2,8 +2,8 @@
  * Reading mail archives for import: mbox files, Maildirs, folders of message files and
  * single message files, one raw RFC 5322 message at a time.
  */
-import { createReadStream } from 'node:fs';
-import { open, readdir, readFile, stat } from 'node:fs/promises';
+import { closeSync, createReadStream, openSync, readSync } from 'node:fs';
+import { readdir, readFile, stat } from 'node:fs/promises';
 import { extname, join } from 'node:path';
 
 /** What {@link openArchive} found at the path. */
@@ -92,13 +92,13 @@ const KEEP_CONTENT_BYTES = 64 * 1024 * 1024;
 
 /** A file's kind and message count, or null when it holds no message. */
 async function classifyFile(path: string, budget: { bytes: number } = { bytes: 0 }): Promise<ArchiveFile | null> {
-  const head = await readHead(path);
+  const head = readHead(path);
   const whole = head.length < SNIFF_BYTES;
   // A head shorter than SNIFF_BYTES is the whole file: kept (within the budget), it is not read again.
   const keep = (f: ArchiveFile): ArchiveFile => {
     if (!whole || head.length > budget.bytes) return f;
     budget.bytes -= head.length;
-    return { ...f, content: Buffer.from(head) };
+    return { ...f, content: head };
   };
   const newline = head.indexOf('\n');
   const firstLine = head.subarray(0, newline < 0 ? head.length : newline).toString('latin1');
@@ -121,15 +121,26 @@ function looksLikeMessage(head: Buffer, anyFields: boolean): boolean {
   return HEADER_FIELD_LINE.test(header) && (anyFields || MESSAGE_FIELDS.test(header));
 }
 
-async function readHead(path: string): Promise<Buffer> {
-  const handle = await open(path, 'r');
+/** {@link readHead}'s read buffer (its bytes are copied out before it returns). */
+let scratch: Buffer | null = null;
+
+/**
+ * The first {@link SNIFF_BYTES} of a file. Synchronous: files are classified one after the
+ * other before anything else runs, and three trips through libuv's thread pool per file
+ * (open, read, close) cost more CPU and time than the reads themselves (a folder of 2,403
+ * messages took ≈ 1 s to open).
+ */
+function readHead(path: string): Buffer {
+  scratch ??= Buffer.allocUnsafe(SNIFF_BYTES);
+  const fd = openSync(path, 'r');
   try {
     // Only the bytes read are ever looked at.
-    const buffer = Buffer.allocUnsafe(SNIFF_BYTES);
-    const { bytesRead } = await handle.read(buffer, 0, SNIFF_BYTES, 0);
-    return buffer.subarray(0, bytesRead);
+    const bytesRead = readSync(fd, scratch, 0, SNIFF_BYTES, 0);
+    // A copy of the bytes read, no larger: most message files are a few kB, and a 64 kB
+    // buffer per file made work for the garbage collector.
+    return Buffer.from(scratch.subarray(0, bytesRead));
   } finally {
-    await handle.close();
+    closeSync(fd);
   }
 }
 
