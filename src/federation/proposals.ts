@@ -30,7 +30,7 @@ import { resolveLocalUsers, storeActions } from '../conversations/append.ts';
 import { type ConversationRow, loadedParticipantRows, loadState, lockConversation, readActions } from '../conversations/store.ts';
 import { cloneState, parseActionSig, signActions } from './action-signatures.ts';
 import { CLOCK_SKEW_S, type VerifiedPeer } from './http-signatures.ts';
-import { signedFetch } from './client.ts';
+import { type SignedAnswer, signedRequest } from './client.ts';
 import { MAX_PUSH_ACTIONS } from './hooks.ts';
 import { FEDERATION_CHANNEL, samePlatform } from './outbox.ts';
 import { invalidLog, platformUrl, receiveOrCatchUp } from './replication.ts';
@@ -190,12 +190,12 @@ async function attemptClaimed(deps: Deps, id: number): Promise<ProposalOutcome> 
     if (!p) return { state: 'failed', error: notFound('proposal') };
     if (p.state === 'applied') return { state: 'applied', actions: await appliedActions(deps, p) };
     if (p.state === 'failed') return { state: 'failed', error: conflict('proposal_failed', 'the proposal was refused') };
-    let r: Response;
+    let r: SignedAnswer;
     let text: string;
     try {
       const url = await platformUrl(deps, p.leader);
-      r = await signedFetch(deps, `${url}/federation/v1/conversations/${p.key}/proposals`, { json: { actions: p.actions }, timeoutMs: PROPOSAL_TIMEOUT_MS });
-      text = await r.text();
+      r = await signedRequest(deps, `${url}/federation/v1/conversations/${p.key}/proposals`, { json: { actions: p.actions }, timeoutMs: PROPOSAL_TIMEOUT_MS });
+      text = r.text;
     } catch (e) {
       // A leader the allow/deny lists exclude is not contacted (platformUrl): pending, like an unreachable one.
       const why = e instanceof AppError && e.code === 'platform_denied' ? `platform_denied: ${e.message}; the proposal waits` : `${p.leader} unreachable: ${(e as Error).message}`;

@@ -23,7 +23,7 @@ import type { Deps } from '../context.ts';
 import { coalescingRunner } from '../platform/coalesce.ts';
 import { AppError } from '../platform/errors.ts';
 import { readActions } from '../conversations/store.ts';
-import { signedFetch } from './client.ts';
+import { signedRequest } from './client.ts';
 import { MAX_PUSH_ACTIONS } from './hooks.ts';
 import { FEDERATION_CHANNEL } from './outbox.ts';
 import { attemptProposal, claimProposal, federationBackoffMs } from './proposals.ts';
@@ -123,8 +123,8 @@ export async function pushLink(deps: Deps, link: LinkRow): Promise<void> {
     for (;;) {
       const batch = await nextBatch(deps, link, acked);
       if (batch.length === 0) break;
-      const r = await signedFetch(deps, url, { json: { actions: batch }, timeoutMs: PUSH_TIMEOUT_MS });
-      const text = await r.text();
+      const r = await signedRequest(deps, url, { json: { actions: batch }, timeoutMs: PUSH_TIMEOUT_MS });
+      const text = r.text;
       let body: any = null;
       try {
         body = JSON.parse(text);
@@ -409,9 +409,9 @@ class Lane {
     let status = 0;
     let text = '';
     try {
-      const r = await signedFetch(this.deps, `${url}/federation/v1/push`, { body, headers: { 'content-type': 'application/json' }, timeoutMs: PUSH_TIMEOUT_MS });
+      const r = await signedRequest(this.deps, `${url}/federation/v1/push`, { body, headers: { 'content-type': 'application/json' }, timeoutMs: PUSH_TIMEOUT_MS });
       status = r.status;
-      text = await r.text();
+      text = r.text;
     } catch (e) {
       await this.failAll(entries.map((e) => e.link), `${this.platform}: ${(e as Error).message}`);
       return { saving: Promise.resolve() };

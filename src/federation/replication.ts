@@ -21,7 +21,7 @@ import { recordEffects } from '../conversations/effects.ts';
 import { type ConversationRow, insertConversation, loadedParticipantRows, loadState, lockConversation, persistState, preloadParticipants } from '../conversations/store.ts';
 import { checkPeerAllowed } from './abuse.ts';
 import { parseActionSig } from './action-signatures.ts';
-import { signedFetch } from './client.ts';
+import { type SignedAnswer, signedRequest } from './client.ts';
 import { checkPeerBatch, fetchMissingBlobs, MAX_PUSH_ACTIONS } from './hooks.ts';
 import { noteRecipients, samePlatform } from './outbox.ts';
 import { discoverPlatform, preverifyReceived, verifyReceivedLog } from './runtime.ts';
@@ -282,14 +282,14 @@ export async function backfillFrom(deps: Deps, leader: string, key: string, sinc
   const base = await platformUrl(deps, leader);
   const fetchPage = async (after: number, limit: number): Promise<FetchedPage> => {
     const t0 = performance.now();
-    let r: Response;
+    let r: SignedAnswer;
     try {
-      r = await signedFetch(deps, `${base}/federation/v1/conversations/${key}/actions?since=${after}&limit=${limit}`);
+      r = await signedRequest(deps, `${base}/federation/v1/conversations/${key}/actions?since=${after}&limit=${limit}`);
     } catch (e) {
       onAnswer?.();
       throw new AppError(502, 'peer_unavailable', `${leader}: ${(e as Error).message}`);
     }
-    const text = await r.text();
+    const text = r.text;
     onAnswer?.();
     if (r.status !== 200) throw new AppError(502, 'peer_refused', `${leader} answered ${r.status} to a backfill: ${text.slice(0, 300)}`);
     const body = JSON.parse(text) as { actions: Action[]; last_id: number };
@@ -384,13 +384,13 @@ export async function joinFromLeader(deps: Deps, leader: string, key: string): P
   const base = await platformUrl(deps, leader);
   const log: Action[] = [];
   for (;;) {
-    let r: Response;
+    let r: SignedAnswer;
     try {
-      r = await signedFetch(deps, `${base}/federation/v1/conversations/${key}/log?since=${log.length}&limit=${MAX_PUSH_ACTIONS}`);
+      r = await signedRequest(deps, `${base}/federation/v1/conversations/${key}/log?since=${log.length}&limit=${MAX_PUSH_ACTIONS}`);
     } catch (e) {
       throw new AppError(502, 'peer_unavailable', `${leader}: ${(e as Error).message}`);
     }
-    const text = await r.text();
+    const text = r.text;
     if (r.status !== 200) throw new AppError(502, 'peer_refused', `${leader} answered ${r.status} to a log request: ${text.slice(0, 300)}`);
     const body = JSON.parse(text) as { actions: unknown; last_id: number };
     if (!Array.isArray(body.actions) || body.actions.length === 0) break;
