@@ -4,7 +4,7 @@
 // files through tsx on every run (docs/benchmarks.md, "Where the time goes": 2–5 s of a
 // `parley import`). Run by `npm install` / `npm ci` (the `prepare` script) and by
 // `npm run build`. Packages stay external (resolved from node_modules at run time) but
-// kysely (INLINED below); the
+// kysely and typebox (INLINED below); the
 // SQL migrations are copied next to the bundle (src/store/migrate.ts reads them relative
 // to its own module).
 //
@@ -22,12 +22,13 @@ import { ROOT as root, STAMP, sourceFingerprint as fingerprint } from './cli-bun
 const dist = join(root, 'dist');
 
 /**
- * Packages bundled rather than loaded from node_modules: kysely's ESM build is ~280 modules,
- * and resolving, reading and compiling them one by one cost ≈ 0.37 G instructions (≈ 0.1 s)
- * of every `parley` run that touches the database (measured 2026-11-22). Pure JavaScript
- * without files of its own to read, so bundling it changes nothing else.
+ * Packages bundled rather than loaded from node_modules: their ESM builds are hundreds of
+ * modules (kysely ~280, typebox ~270, which loadConfig uses), and resolving, reading and
+ * compiling them one by one cost ≈ 0.8 G instructions (≈ 0.3 s here) of every `parley`
+ * run: a one-message `parley import` 2.79 → 1.97 G (measured 2026-11-22). Pure JavaScript
+ * without files of their own to read, so bundling them changes nothing else.
  */
-const INLINED = new Set(['kysely']);
+const INLINED = new Set(['kysely', '@sinclair/typebox']);
 
 /** `pkg` of `pkg/sub/path`, `@scope/pkg` of `@scope/pkg/sub/path`. */
 const packageName = (specifier) => specifier.split('/').slice(0, specifier.startsWith('@') ? 2 : 1).join('/');
