@@ -215,12 +215,12 @@ function openSocket(base: string, token: string, onFrame: (f: any) => void): Pro
 /**
  * Runs the federation benchmark on fresh databases of `database`.
  * @param opts.perWriter actions each of the 10 writers appends in the live run (default 200)
- * @param opts.catchup actions appended while B is down (default 10,000)
+ * @param opts.catchup actions appended while B is down (default 10,000; `BENCH_FEDERATION_CATCHUP` sets it for a run whose profile should cover the live part only)
  * @throws Error when a platform does not start, an append is refused, or replication does not converge within 60 s
  */
 export async function benchFederation(database: BenchDatabase, opts: { perWriter?: number; catchup?: number } = {}): Promise<FederationFigures> {
   const perWriter = opts.perWriter ?? Number(process.env.BENCH_FEDERATION_PER_WRITER ?? 200);
-  const catchup = opts.catchup ?? 10_000;
+  const catchup = opts.catchup ?? Number(process.env.BENCH_FEDERATION_CATCHUP ?? 10_000);
   const members: Member[] = [];
   const dirs: { rm(): void }[] = [];
   for (const domain of DOMAINS) {
