@@ -58,15 +58,19 @@ const agents = {
   https: new https.Agent({ keepAlive: true, timeout: IDLE_SOCKET_MS, maxSockets: MAX_SOCKETS_PER_PEER, scheduling: 'lifo' }),
 };
 
-/** Codes of a connection the peer closed while it sat idle in the pool (the request then never reached it). */
+/** Error codes of a request sent on a kept-alive connection the peer had meanwhile closed. */
 const STALE_SOCKET_ERRORS = new Set(['ECONNRESET', 'EPIPE', 'ECONNABORTED']);
 
-/** One attempt of {@link signedRequest}; `reused` says whether it went over a kept-alive connection. */
+/** One attempt of {@link signedRequest}; a connection error carries `reusedSocket` (sent on a kept-alive connection). */
 function requestOnce(url: URL, method: string, headers: Record<string, string>, body: Buffer | undefined, timeoutMs: number): Promise<SignedAnswer> {
   return new Promise((resolve, reject) => {
     const mod = url.protocol === 'https:' ? https : http;
     const req = mod.request(url, { method, headers, agent: url.protocol === 'https:' ? agents.https : agents.http });
-    const timer = setTimeout(() => req.destroy(Object.assign(new Error(`no complete answer within ${timeoutMs} ms`), { name: 'TimeoutError' })), timeoutMs);
+    let timedOut: Error | null = null;
+    const timer = setTimeout(() => {
+      timedOut = Object.assign(new Error(`no complete answer within ${timeoutMs} ms`), { name: 'TimeoutError' });
+      req.destroy(timedOut);
+    }, timeoutMs);
     req.once('error', (e) => {
       clearTimeout(timer);
       reject(Object.assign(e, { reusedSocket: req.reusedSocket }));
@@ -81,6 +85,12 @@ function requestOnce(url: URL, method: string, headers: Record<string, string>, 
       res.once('end', () => {
         clearTimeout(timer);
         resolve({ status: res.statusCode ?? 0, text: (chunks.length === 1 ? chunks[0] : Buffer.concat(chunks)).toString('utf8') });
+      });
+      // Closed before the end of the body (the peer went away, or the timeout destroyed the
+      // request): a failure, whether or not an 'error' came with it (a settled promise ignores the rest).
+      res.once('close', () => {
+        clearTimeout(timer);
+        if (!res.complete) reject(timedOut ?? new Error('the connection closed before the whole answer arrived'));
       });
     });
     req.end(body);
