@@ -53,10 +53,9 @@ export interface SignedAnswer {
 const IDLE_SOCKET_MS = 30_000;
 /** Connections to one peer at most (pushes, proposals, backfill pages, each one request at a time). */
 const MAX_SOCKETS_PER_PEER = 16;
-const agents = {
-  http: new http.Agent({ keepAlive: true, timeout: IDLE_SOCKET_MS, maxSockets: MAX_SOCKETS_PER_PEER, scheduling: 'lifo' }),
-  https: new https.Agent({ keepAlive: true, timeout: IDLE_SOCKET_MS, maxSockets: MAX_SOCKETS_PER_PEER, scheduling: 'lifo' }),
-};
+// noDelay: a request goes out at once, not held back by Nagle's algorithm behind an unacknowledged segment (as undici's fetch does).
+const agentOptions = { keepAlive: true, timeout: IDLE_SOCKET_MS, maxSockets: MAX_SOCKETS_PER_PEER, scheduling: 'lifo' as const, noDelay: true };
+const agents = { http: new http.Agent(agentOptions), https: new https.Agent(agentOptions) };
 
 /** Error codes of a request sent on a kept-alive connection the peer had meanwhile closed. */
 const STALE_SOCKET_ERRORS = new Set(['ECONNRESET', 'EPIPE', 'ECONNABORTED']);
