@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, createReadStream, existsSync, fsync, mkdirSync, openSync, type ReadStream, renameSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, createReadStream, existsSync, fsync, mkdirSync, openSync, type ReadStream, renameSync, unlinkSync, write, writeSync } from 'node:fs';
 import { open, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
@@ -7,6 +7,10 @@ import { promisify } from 'node:util';
 import { tooLarge } from './errors.ts';
 
 const fsyncFd = promisify(fsync);
+const writeFd = promisify(write);
+
+/** Larger blobs are written through the thread pool, so a big message or attachment never holds up the event loop while it is copied. */
+const SYNC_WRITE_MAX = 1024 * 1024;
 
 /**
  * The content-addressed blob store: bytes on disk under `<dir>/ab/<sha256>` (one level of
@@ -58,13 +62,14 @@ export class BlobStore {
   async put(data: Uint8Array): Promise<{ sha256: string; size: number }> {
     const sha256 = createHash('sha256').update(data).digest('hex');
     if (!this.has(sha256)) {
-      // Synchronous open/write/close: for a small file in the page cache they cost less
-      // than a trip through libuv's thread pool each; only the fsyncs (which wait for the
-      // disk) go there.
+      // Synchronous open/write/close: for a file in the page cache they cost less than a
+      // trip through libuv's thread pool each; only the fsyncs (which wait for the disk)
+      // and the writes of blobs over SYNC_WRITE_MAX go there.
       const tmp = this.tmpPath();
       const fd = openSync(tmp, 'wx');
       try {
-        for (let at = 0; at < data.byteLength; ) at += writeSync(fd, data, at, data.byteLength - at);
+        if (data.byteLength <= SYNC_WRITE_MAX) for (let at = 0; at < data.byteLength; ) at += writeSync(fd, data, at, data.byteLength - at);
+        else for (let at = 0; at < data.byteLength; ) at += (await writeFd(fd, data, at, data.byteLength - at)).bytesWritten;
         await fsyncFd(fd);
       } catch (e) {
         closeSync(fd);

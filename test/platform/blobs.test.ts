@@ -42,6 +42,14 @@ describe('BlobStore', () => {
     assert.deepEqual(readdirSync(join(s.dir, 'tmp')), [], 'no temporary file is left');
   });
 
+  it('a blob of several MiB (written through the thread pool) reads back whole', async () => {
+    const s = store();
+    const bytes = randomBytes(3 * 1024 * 1024 + 17);
+    const r = await s.blobs.put(bytes);
+    assert.deepEqual(r, { sha256: sha(bytes), size: bytes.length });
+    assert.deepEqual(readFileSync(join(s.dir, r.sha256.slice(0, 2), r.sha256)), bytes);
+  });
+
   it('many blobs written at once land in their prefix directories, none lost', async () => {
     const s = store();
     const all = Array.from({ length: 300 }, (_, i) => Buffer.from(`blob ${i} ${randomBytes(8).toString('hex')}`));
