@@ -94,7 +94,7 @@ export async function recordEffects(
     if (a.act === 'conv:publish') published = true;
     for (const p of locals) {
       if (!seesAction(p, a, published, h.creator)) continue;
-      events.push({ userId: p.user_id, convId, kind: 'action', actionId: a.id });
+      events.push({ userId: p.user_id, convId, kind: 'action', actionId: a.id, local: { conv: h.key, action: a } });
       const next = flagsAfterAction(p, a, p.address, published);
       const delta = changed.get(p.address) ?? { inbox: null, seen: null };
       if (next.inbox !== p.inbox) delta.inbox = next.inbox;

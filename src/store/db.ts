@@ -143,10 +143,12 @@ const pipelined = new WeakSet<object>();
  */
 export async function pipelinedTransaction<T>(db: Db, first: string | null, fn: (tx: Tx, firstRows: unknown[]) => Promise<T>): Promise<T> {
   const notices: { channel: string; payload: string }[] = [];
+  const committed: ((db: Db) => void)[] = [];
   const result = await db.kysely.connection().execute(async (conn) => {
     const tx = conn as unknown as Tx;
     pipelined.add(tx);
     pendingNotices.set(tx, notices);
+    afterCommitHooks.set(tx, committed);
     const hooks: (() => Promise<void>)[] = [];
     beforeCommitHooks.set(tx, hooks);
     let open = true;
@@ -173,11 +175,38 @@ export async function pipelinedTransaction<T>(db: Db, first: string | null, fn: 
     }
   });
   if (notices.length > 0) notifierOf(db).send(notices);
+  runAfterCommit(db, committed);
   return result;
 }
 
 /** Notifications a transaction opened with {@link transaction} sends once it has committed. */
 const pendingNotices = new WeakMap<object, { channel: string; payload: string }[]>();
+/** Work a transaction opened with {@link transaction} runs once it has committed. */
+const afterCommitHooks = new WeakMap<object, ((db: Db) => void)[]>();
+
+/**
+ * Runs `hook` (synchronous, given the transaction's Db) once `tx` — opened with
+ * {@link transaction} or {@link pipelinedTransaction} — has committed, never if it rolls
+ * back. For in-process announcements of what the transaction wrote (src/streams/
+ * local-bus.ts); a hook's exception is ignored. Returns false, registering nothing, when
+ * `tx` is not such a transaction.
+ */
+export function afterCommit(tx: Queryable, hook: (db: Db) => void): boolean {
+  const hooks = afterCommitHooks.get(tx);
+  if (!hooks) return false;
+  hooks.push(hook);
+  return true;
+}
+
+function runAfterCommit(db: Db, hooks: ((db: Db) => void)[]): void {
+  for (const h of hooks) {
+    try {
+      h(db);
+    } catch {
+      /* announcements only: what they announce is committed and can be read */
+    }
+  }
+}
 /** Work a transaction opened with {@link transaction} runs as its last statements, just before COMMIT. */
 const beforeCommitHooks = new WeakMap<object, (() => Promise<void>)[]>();
 
@@ -203,8 +232,10 @@ export function beforeCommit(tx: Queryable, hook: () => Promise<void>): boolean 
  */
 export async function transaction<T>(db: Db, fn: (tx: Tx) => Promise<T>): Promise<T> {
   const notices: { channel: string; payload: string }[] = [];
+  const committed: ((db: Db) => void)[] = [];
   const result = await db.kysely.transaction().execute(async (tx) => {
     pendingNotices.set(tx, notices);
+    afterCommitHooks.set(tx, committed);
     const hooks: (() => Promise<void>)[] = [];
     beforeCommitHooks.set(tx, hooks);
     const r = await fn(tx);
@@ -212,6 +243,7 @@ export async function transaction<T>(db: Db, fn: (tx: Tx) => Promise<T>): Promis
     return r;
   });
   if (notices.length > 0) notifierOf(db).send(notices);
+  runAfterCommit(db, committed);
   return result;
 }
 

@@ -62,8 +62,8 @@ export interface RowWriter<R> {
    * append waits through (issue 2, Done means 7; docs/benchmarks.md).
    */
   readonly late?: boolean;
-  /** Receives what `parley_write_rows` returned for this kind once the rows are written (stream positions). */
-  written?(tx: Tx, result: unknown): Promise<void>;
+  /** Receives what `parley_write_rows` returned for this kind once `rows` are written (stream positions), with those rows as given to `encode`. */
+  written?(tx: Tx, result: unknown, rows: R[]): Promise<void>;
 }
 
 /** Buffered rows per transaction that defers its writes, per writer in first-use order. */
@@ -89,7 +89,7 @@ async function writeBatch(tx: Tx, items: [RowWriter<unknown>, unknown[]][], with
     const batch = JSON.stringify(run.map(([w, rows]) => [w.kind, w.encode ? w.encode(rows) : rows]));
     const handOut = async (rows: unknown[]) => {
       const out = (rows[0] as { r?: Record<string, unknown> } | undefined)?.r ?? {};
-      for (const [w] of run) if (w.written && out[w.kind!] !== undefined) await w.written(tx, out[w.kind!]);
+      for (const [w, rows] of run) if (w.written && out[w.kind!] !== undefined) await w.written(tx, out[w.kind!], rows);
     };
     // The transaction's last statement travels with its COMMIT (db.ts pipelinedTransaction).
     if (withCommit && i === items.length && sendWithCommit(tx, `select parley_write_rows(${dollarQuoted(batch)}::jsonb) as r`, handOut)) return;

@@ -1,19 +1,32 @@
 import pg from 'pg';
 import type { Deps } from '../context.ts';
+import { onLocalEvents } from './local-bus.ts';
+import type { StreamEvent } from './read.ts';
 import { EVENTS_CHANNEL } from './store.ts';
+
+/**
+ * Why a subscriber is woken: `events` — the user's events committed by this process, in
+ * stream order (src/streams/local-bus.ts); `upTo` — the user's stream reaches at least this
+ * number (a notification or the safety poll); neither — it may have grown (reconnect).
+ */
+export interface Wake {
+  events?: StreamEvent[];
+  upTo?: number;
+}
 
 /**
  * The realtime bus of a web process: one PostgreSQL connection LISTENing on
  * `parley_events` (ARCHITECTURE.md: "realtime events cross processes through LISTEN/NOTIFY").
  * Subscribers are told a user's stream grew; they read the stream from their cursor, so a
- * lost notification costs latency, never an event. After a reconnect every subscriber is
+ * lost notification costs latency, never an event. Events committed by this very process
+ * come with the wake-up itself (local-bus.ts), so a subscriber need not read them. After a reconnect every subscriber is
  * woken, to re-read what it may have missed; and every {@link SAFETY_POLL_MS} the stream
  * heads of subscribed users are read, waking those whose stream grew without a
  * notification (one sent after commit by a process that died right then).
  */
 export interface Realtime {
-  /** Calls `listener` whenever `userId`'s stream may have grown. Returns the unsubscribe function. */
-  subscribe(userId: number, listener: () => void): () => void;
+  /** Calls `listener` whenever `userId`'s stream may have grown (see {@link Wake}). Returns the unsubscribe function. */
+  subscribe(userId: number, listener: (wake: Wake) => void): () => void;
   stop(): Promise<void>;
 }
 
@@ -21,7 +34,7 @@ export interface Realtime {
 export const SAFETY_POLL_MS = 1000;
 
 export async function startRealtime(deps: Deps): Promise<Realtime> {
-  const listeners = new Map<number, Set<() => void>>();
+  const listeners = new Map<number, Set<(wake: Wake) => void>>();
   /** Highest stream position known per subscribed user (from notifications or polling). */
   const known = new Map<number, number>();
   let client: pg.Client | null = null;
@@ -29,8 +42,15 @@ export async function startRealtime(deps: Deps): Promise<Realtime> {
   let retryMs = 100;
 
   const wakeAll = () => {
-    for (const set of listeners.values()) for (const l of set) l();
+    for (const set of listeners.values()) for (const l of set) l({});
   };
+  const stopLocal = onLocalEvents(deps.db, (userId, events) => {
+    const set = listeners.get(userId);
+    if (!set || events.length === 0) return;
+    const seq = events[events.length - 1].seq;
+    if (seq > (known.get(userId) ?? 0)) known.set(userId, seq);
+    for (const l of set) l({ events });
+  });
   const connect = async (): Promise<void> => {
     const c = new pg.Client({ connectionString: (deps.db.pool as any).options.connectionString });
     c.on('notification', (msg) => {
@@ -40,7 +60,7 @@ export async function startRealtime(deps: Deps): Promise<Realtime> {
         for (const [userId, seq] of u) {
           if (!listeners.has(userId)) continue;
           if (seq > (known.get(userId) ?? 0)) known.set(userId, seq);
-          for (const l of listeners.get(userId) ?? []) l();
+          for (const l of listeners.get(userId) ?? []) l({ upTo: seq });
         }
       } catch (e) {
         deps.log.warn({ err: e }, 'malformed realtime notification');
@@ -78,7 +98,7 @@ export async function startRealtime(deps: Deps): Promise<Realtime> {
         for (const row of r.rows as { id: number; stream_seq: number }[]) {
           const before = known.get(row.id);
           known.set(row.id, row.stream_seq);
-          if (before !== undefined && row.stream_seq > before) for (const l of listeners.get(row.id) ?? []) l();
+          if (before !== undefined && row.stream_seq > before) for (const l of listeners.get(row.id) ?? []) l({ upTo: row.stream_seq });
         }
       })
       .catch(() => {})
@@ -102,6 +122,7 @@ export async function startRealtime(deps: Deps): Promise<Realtime> {
     },
     async stop() {
       stopped = true;
+      stopLocal();
       clearInterval(safetyPoll);
       await client?.end().catch(() => {});
     },

@@ -89,7 +89,23 @@ export function streamRoutes(realtime: Realtime) {
             pumping = false;
           }
         };
-        const unsubscribe = realtime.subscribe(user.id, () => void pump());
+        const unsubscribe = realtime.subscribe(user.id, (wake) => {
+          if (closed) return;
+          if (!pumping && wake.events) {
+            // Events this process committed: sent as they are when they follow the cursor
+            // exactly (no read of the stream); a gap or a reordering is left to the read.
+            const fresh = wake.events.filter((e) => e.seq > cursor);
+            if (fresh.length === 0) return;
+            if (fresh[0].seq === cursor + 1) {
+              for (const e of fresh) socket.send(JSON.stringify({ type: 'event', ...e }));
+              cursor = fresh[fresh.length - 1].seq;
+              return;
+            }
+          }
+          // Already sent up to there (e.g. the notification of events delivered above).
+          if (!pumping && wake.upTo !== undefined && wake.upTo <= cursor) return;
+          void pump();
+        });
         socket.on('close', () => {
           closed = true;
           unsubscribe();

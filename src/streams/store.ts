@@ -1,5 +1,8 @@
-import { beforeCommit, notifyAfterCommit, type Tx, type Queryable } from '../store/db.ts';
+import type { Action } from '../core/actions.ts';
+import { afterCommit, beforeCommit, notifyAfterCommit, type Tx, type Queryable } from '../store/db.ts';
 import { defersWrites, type RowWriter, writeRows } from '../store/group-commit.ts';
+import { publishLocalEvents } from './local-bus.ts';
+import type { StreamEvent } from './read.ts';
 
 /**
  * Per-user event streams (PRODUCT.md §5; the device-sync seed 003): every event that
@@ -17,6 +20,12 @@ export interface NewEvent {
   kind: 'action' | 'flags' | 'labels';
   actionId?: number | null;
   payload?: unknown;
+  /**
+   * The conversation's key and the action itself, as `user_events` joined to them will read
+   * once committed: with them the event is also handed to this process's websockets
+   * directly (src/streams/local-bus.ts). Events without them are only read back.
+   */
+  local?: { conv: string; action?: Action };
 }
 
 /** The realtime bus channel (PostgreSQL LISTEN/NOTIFY); payload documented in notifyUsers. */
@@ -32,6 +41,8 @@ interface EventRow {
   kind: NewEvent['kind'];
   action_id: number | null;
   payload: unknown;
+  /** NewEvent.local (not written). */
+  local: NewEvent['local'] | null;
 }
 
 /**
@@ -54,8 +65,43 @@ const eventsWriter: RowWriter<EventRow> = {
       return [e.user_id, ord, e.conv_id, e.kind, e.action_id, e.payload];
     });
   },
-  written: async (tx, result) => notifyUsers(tx, new Map(result as [number, number][])),
+  written: async (tx, result, rows) => {
+    const last = new Map(result as [number, number][]);
+    announceLocally(tx, last, rows);
+    await notifyUsers(tx, last);
+  },
 };
+
+/**
+ * Once `tx` commits, hands the events just written to this process's websockets
+ * (local-bus.ts) — per user, numbered as parley_write_rows numbered them: a user's n events
+ * of the statement, in order, end at the user's `last` number. A user any of whose events
+ * lacks `local` is left to the stream read.
+ */
+function announceLocally(tx: Tx, last: Map<number, number>, rows: EventRow[]): void {
+  const byUser = new Map<number, EventRow[]>();
+  for (const r of rows) {
+    const list = byUser.get(r.user_id);
+    if (list) list.push(r);
+    else byUser.set(r.user_id, [r]);
+  }
+  const out = new Map<number, StreamEvent[]>();
+  for (const [userId, list] of byUser) {
+    const end = last.get(userId);
+    if (end === undefined || list.some((r) => !r.local)) continue;
+    out.set(
+      userId,
+      list.map((r, i) => ({
+        seq: end - list.length + 1 + i,
+        kind: r.kind,
+        conv: r.local!.conv,
+        ...(r.local!.action ? { action: r.local!.action } : {}),
+        ...(r.payload != null ? { payload: r.payload } : {}),
+      })),
+    );
+  }
+  if (out.size > 0) afterCommit(tx, (db) => publishLocalEvents(db, out));
+}
 
 /**
  * Appends events to their users' streams and, once committed, notifies listeners. In a
@@ -84,7 +130,7 @@ export async function appendEvents(tx: Tx, events: NewEvent[]): Promise<void> {
 }
 
 function eventRow(e: NewEvent): EventRow {
-  return { user_id: e.userId, conv_id: e.convId, kind: e.kind, action_id: e.actionId ?? null, payload: e.payload ?? null };
+  return { user_id: e.userId, conv_id: e.convId, kind: e.kind, action_id: e.actionId ?? null, payload: e.payload ?? null, local: e.local ?? null };
 }
 
 /**

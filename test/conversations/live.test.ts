@@ -56,6 +56,34 @@ describe('two users converse and see each other live over the websocket', () => 
     for (const s of [aliceWs, back, eveWs]) s.close();
   });
 
+  it('sends live exactly the events the stream holds, numbered alike, also when one transaction writes several for a user', async () => {
+    const convs: string[] = [];
+    for (let i = 0; i < 4; i++) {
+      const c = await alice.post('/api/conversations', { subject: `Parallel ${i}`, participants: ['bob@alpha.test'], messages: [{ body: `start ${i}` }] });
+      assert.equal(c.status, 201);
+      convs.push(c.body.key);
+    }
+    const start = (await alice.get('/api/events?cursor=0&limit=1000')).body.events.at(-1).seq;
+    const ws = await alice.websocket(start);
+    // Concurrent appends to different conversations share group-commit transactions, each
+    // writing several of Alice's events in one statement.
+    const sent = await Promise.all(
+      convs.flatMap((key, i) => [
+        bob.post(`/api/conversations/${key}/actions`, { actions: [{ act: 'message:add', body: `bob ${i}` }] }),
+        alice.post(`/api/conversations/${convs[(i + 1) % convs.length]}/actions`, { actions: [{ act: 'message:add', body: `alice ${i}` }, { act: 'message:add', body: `alice ${i} again` }] }),
+      ]),
+    );
+    for (const r of sent) assert.equal(r.status, 200);
+    const expected = sent.reduce((n, r) => n + r.body.actions.length, 0);
+    await ws.waitFor(() => ws.frames.filter((f) => f.type === 'event').length >= expected);
+    const live = ws.frames.filter((f) => f.type === 'event').map(({ type: _type, ...e }) => e);
+    const stored = (await alice.get(`/api/events?cursor=${start}&limit=1000`)).body.events;
+    assert.equal(stored.length, expected);
+    assert.deepEqual(live, stored);
+    assert.deepEqual(live.map((e) => e.seq), Array.from({ length: expected }, (_, i) => start + 1 + i));
+    ws.close();
+  });
+
   it('sends nothing to a removed participant after the removal', async () => {
     const created = await alice.post('/api/conversations', { subject: 'Shrinking', participants: ['bob@alpha.test'], messages: [{ body: 'start' }] });
     const key = created.body.key;
