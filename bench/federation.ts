@@ -4,7 +4,8 @@
  * database of the run's PostgreSQL, talking over loopback through static routes.
  *
  * - **Live replication**: 10 writers on A each lead a conversation with one reader on B and
- *   one participant on C. The writers append `message:add` actions through A's API as fast
+ *   one participant on C. After a warm-up of 100 actions per writer (not measured; every
+ *   frame of it seen on B), the writers append `message:add` actions through A's API as fast
  *   as they can (10 concurrent clients, one request in flight each); every reader holds a
  *   websocket open on B. Per action: A's API request sent → the action's frame on B's
  *   websocket (`federation_p50_ms`, `federation_p99_ms`); overall: actions / (first send →
@@ -215,11 +216,13 @@ function openSocket(base: string, token: string, onFrame: (f: any) => void): Pro
 /**
  * Runs the federation benchmark on fresh databases of `database`.
  * @param opts.perWriter actions each of the 10 writers appends in the live run (default 200)
+ * @param opts.warmup actions each writer appends first, not measured, all seen on B before the live run starts (default 100, i.e. 1,000 as the append benchmark's warm-up; `BENCH_FEDERATION_WARMUP`)
  * @param opts.catchup actions appended while B is down (default 10,000; `BENCH_FEDERATION_CATCHUP` sets it for a run whose profile should cover the live part only)
  * @throws Error when a platform does not start, an append is refused, or replication does not converge within 60 s
  */
-export async function benchFederation(database: BenchDatabase, opts: { perWriter?: number; catchup?: number } = {}): Promise<FederationFigures> {
+export async function benchFederation(database: BenchDatabase, opts: { perWriter?: number; warmup?: number; catchup?: number } = {}): Promise<FederationFigures> {
   const perWriter = opts.perWriter ?? Number(process.env.BENCH_FEDERATION_PER_WRITER ?? 200);
+  const warmup = opts.warmup ?? Number(process.env.BENCH_FEDERATION_WARMUP ?? 100);
   const catchup = opts.catchup ?? Number(process.env.BENCH_FEDERATION_CATCHUP ?? 10_000);
   const members: Member[] = [];
   const dirs: { rm(): void }[] = [];
@@ -280,8 +283,10 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
     const frameAt = new Map<string, number>();
     const latencies: number[] = [];
     let lastFrame = 0;
+    let warmFrames = 0;
     const onFrame = (f: any) => {
       if (f.type !== 'event' || typeof f.action?.body !== 'string') return;
+      if (f.action.body.startsWith('warm:')) return void warmFrames++;
       const tag = /^fed:(\S+)/.exec(f.action.body)?.[1];
       const t = tag === undefined ? undefined : sentAt.get(tag);
       if (t === undefined) return;
@@ -298,6 +303,20 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
       await statements.connect();
       await statements.query('create extension if not exists pg_stat_statements');
       await statements.query('select pg_stat_statements_reset()');
+    }
+    // Warm-up, as the append benchmark's 1,000 requests: the three platforms are long-running
+    // servers, and the first thousand actions mostly measure V8 compiling their code paths.
+    if (warmup > 0) {
+      progress(`federation: warm-up, ${WRITERS} writers × ${warmup} actions (not measured)`);
+      await Promise.all(
+        writerClients.map(async (w, c) => {
+          for (let n = 0; n < warmup; n++) {
+            const r = await w.request('POST', `/api/conversations/${keys[c]}/actions`, { actions: [{ act: 'message:add', body: messageBody(`warm:${c}:${n}`) }] });
+            expectStatus(r, 200, 'append on A (warm-up)');
+          }
+        }),
+      );
+      await until(async () => warmFrames >= WRITERS * warmup, "the warm-up's frames on B");
     }
     progress(`federation: ${WRITERS} writers on A × ${perWriter} actions, as fast as answered; readers on B's websockets`);
     const cpuA0 = processCpuMs(A.proc!.pid);
