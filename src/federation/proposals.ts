@@ -31,6 +31,7 @@ import { type ConversationRow, loadedParticipantRows, loadState, lockConversatio
 import { cloneState, parseActionSig, signActions } from './action-signatures.ts';
 import { CLOCK_SKEW_S, type VerifiedPeer } from './http-signatures.ts';
 import { type SignedAnswer, signedRequest } from './client.ts';
+import { lockIngests } from '../mail/inbound/ingest-lock.ts';
 import { MAX_PUSH_ACTIONS } from './hooks.ts';
 import { FEDERATION_CHANNEL, samePlatform } from './outbox.ts';
 import { invalidLog, platformUrl, receiveOrCatchUp } from './replication.ts';
@@ -285,7 +286,7 @@ export async function acceptProposal(deps: Deps, peer: VerifiedPeer, key: string
     // sees it — the ingest as a duplicate, the proposal as 409 duplicate_email. Without it, a
     // reply-all reaching the leader by SMTP while a follower's proposal of it is being applied
     // could be added twice.
-    await lockEmailIngests(tx, emailMessageIds(proposed).map((e) => e.message_id));
+    await lockIngests(tx, emailMessageIds(proposed).map((e) => e.message_id));
     const row = await lockConversation(tx, key);
     if (!row || row.key !== key || !row.published) throw notFound('conversation');
     if (row.leader !== primaryDomain(deps)) throw conflict('not_leader', `this platform does not lead conversation ${key}; ${row.leader} does`, { leader: row.leader });
@@ -346,17 +347,6 @@ export async function acceptProposal(deps: Deps, peer: VerifiedPeer, key: string
 }
 
 /** The Message-IDs of the emails that `actions` add as messages (a follower's bridged email replies), with their actions' ids. */
-/**
- * Takes, in `tx`, the transaction locks the inbound email ingest takes per Message-ID
- * (src/mail/inbound/ingest-email.ts lockKeyOf: `parley:inbound:<Message-ID>`), in the same
- * (sorted) order, so that a proposal and an ingest of the same email never run at once.
- */
-async function lockEmailIngests(tx: Tx, messageIds: string[]): Promise<void> {
-  const keys = [...new Set(messageIds)].map((m) => `parley:inbound:${m}`);
-  if (keys.length === 0) return;
-  await sql`select count(pg_advisory_xact_lock(hashtextextended(s.k, 0))) from (select k from unnest(${keys}::text[]) as k order by k) s`.execute(tx);
-}
-
 function emailMessageIds(actions: Action[]): { message_id: string; action_id: number }[] {
   return actions.flatMap((a) =>
     a.act === 'message:add' && a.source?.kind === 'email' && typeof a.source.message_id === 'string' ? [{ message_id: a.source.message_id, action_id: a.id }] : [],

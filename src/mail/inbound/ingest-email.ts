@@ -46,6 +46,7 @@ import type { Action, ActionInput, ActionSource, FileRef } from '../../core/acti
 import { LIMITS, sealAction } from '../../core/actions.ts';
 import { applyAction, referencedMessages } from '../../core/reducer.ts';
 import { signActions } from '../../federation/action-signatures.ts';
+import { ingestLockKey } from './ingest-lock.ts';
 import { isoTime } from '../../platform/clock.ts';
 import { type Deps, isLocalAddress, primaryDomain } from '../../context.ts';
 import { appendActions, checkFiles, cleanInput, noteUsers, resolveLocalUsers, storeActions } from '../../conversations/append.ts';
@@ -572,7 +573,7 @@ interface IngestContext {
  * a message delivered twice at once is recorded once.
  */
 function lockKeyOf(parsed: ParsedEmail, sha256: string): string {
-  return `parley:inbound:${parsed.messageId === null ? sha256 : storableText(parsed.messageId)}`;
+  return ingestLockKey(parsed.messageId === null ? sha256 : storableText(parsed.messageId));
 }
 
 /** The envelope recipients that would be local users (not reply addresses), lower-cased and deduplicated. */
