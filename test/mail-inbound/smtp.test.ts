@@ -339,4 +339,24 @@ describe('inbound SMTP server', () => {
     const again = await sendRaw(port, { from: 'zed@example.net', to: ['alice@alpha.test'] }, message({ from: 'zed@example.net', to: 'alice@alpha.test', subject: 'Still alive' }, 'yes'));
     assert.equal(again.code, 250, again.response);
   });
+
+  it('commits messages arriving together for one mailbox, each once, while one of them is refused', async () => {
+    // Sent at once over separate connections: the write combiner holds the first ready ones
+    // for those still being parsed, so they share transactions; none may be lost, stored
+    // twice, or held up by the one that is refused.
+    const subjects = Array.from({ length: 6 }, (_, i) => `Together ${i}`);
+    const outcomes = await Promise.all([
+      ...subjects.map((subject, i) =>
+        sendRaw(port, { from: 'zed@example.net', to: ['carol@alpha.test'] }, message({ from: 'zed@example.net', to: 'carol@alpha.test', subject, messageId: `together-${i}@example.net` }, `Message ${i}.`)),
+      ),
+      sendRaw(port, { from: '', to: ['carol@alpha.test'] }, 'Subject: Together, anonymous\r\n\r\nnobody\r\n'),
+    ]);
+    assert.deepEqual(outcomes.map((o) => o.code), [...subjects.map(() => 250), 554], JSON.stringify(outcomes.map((o) => o.response)));
+    for (const subject of subjects) {
+      const found = await findBySubject(carol, subject);
+      assert.equal(found.length, 1, subject);
+      const conv = await carol.get(`/api/conversations/${found[0].key}`);
+      assert.deepEqual(conv.body.messages.map((m: any) => m.body), [`Message ${subject.slice(-1)}.`]);
+    }
+  });
 });

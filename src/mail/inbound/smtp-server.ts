@@ -25,7 +25,8 @@
  *   committed by {@link writeCombiner}: while the transactions for the same recipients are
  *   in flight (two at most), the messages that arrive queue, and the next transaction takes all of them
  *   (ingest-email.ts `commitEmails`: one COMMIT, each recipient's stream counter locked
- *   once per batch instead of once per message). Each message is still answered only once
+ *   once per batch instead of once per message); a message ready while others of the same
+ *   recipients are still being parsed waits for them up to {@link HOLD_MS}. Each message is still answered only once
  *   its transaction has committed; a batch that fails is redone one message at a time, so
  *   one bad message never fails the others.
  */
@@ -115,44 +116,113 @@ function cachedRecipientCheck(deps: Deps): (address: string) => ReturnType<typeo
 const LANES_PER_KEY = 2;
 
 /**
+ * Longest a prepared message waits for messages of the same recipients that are still being
+ * parsed and authenticated, so that they share its transaction, in ms. Without it a free
+ * lane took each message alone (1.1 messages per transaction with 4 connections), and
+ * PostgreSQL spent 16 M instructions per message; with it ≈ 3 per transaction and 11 M
+ * (bench/smtp-receive.ts, 2026-11-22). A lone message waits only while others are being
+ * prepared, never for mail that has not arrived.
+ */
+const HOLD_MS = 10;
+
+/** A message announced to a {@link writeCombiner} while it is prepared. */
+export interface CombinedWrite {
+  /** Commits the prepared message with others of its recipients; settles once its transaction committed. */
+  commit(p: PreparedEmail): Promise<IngestResult>;
+  /** Withdraws the announcement (its preparation failed); no-op after `commit`. */
+  cancel(): void;
+}
+
+/**
  * A write combiner for prepared messages: for each set of envelope recipients, up to
  * {@link LANES_PER_KEY} transactions in flight; a message that arrives while they all are
  * busy queues, and the first to finish takes every queued message (up to
  * {@link MAX_BATCH}) into its next transaction. A message that finds a lane free is
- * committed at once (no added latency). Transactions of one key can only wait for each
+ * committed at once, unless messages for the same recipients are still being prepared:
+ * then the batch waits for them, at most {@link HOLD_MS}. Transactions of one key can only wait for each
  * other's locks (PostgreSQL resolves a deadlock by failing one, which commitEmails then
  * redoes message by message), never change each other's outcome: duplicates are decided
  * under the Message-ID's lock, as between recipient sets.
- * @returns `commit(p)`, settling with the message's outcome once its transaction committed
  */
-export function writeCombiner(deps: Deps): (p: PreparedEmail) => Promise<IngestResult> {
+export function writeCombiner(deps: Deps): (rcptTo: string[]) => CombinedWrite {
   type Waiting = { p: PreparedEmail; resolve(r: IngestResult): void; reject(e: unknown): void };
-  const keys = new Map<string, { queue: Waiting[]; running: number }>();
-  const drain = async (key: string, k: { queue: Waiting[]; running: number }) => {
-    k.running++;
-    while (k.queue.length > 0) {
-      const batch = k.queue.splice(0, MAX_BATCH);
-      try {
-        const outcomes = await commitEmails(deps, batch.map((w) => w.p));
-        batch.forEach((w, i) => {
-          const o = outcomes[i];
-          if (o.status === 'fulfilled') w.resolve(o.value);
-          else w.reject(o.reason);
-        });
-      } catch (e) {
-        for (const w of batch) w.reject(e);
-      }
-    }
-    if (--k.running === 0) keys.delete(key);
+  type Key = { queue: Waiting[]; running: number; preparing: number; holdUntil: number; timer: NodeJS.Timeout | null };
+  const keys = new Map<string, Key>();
+  const keyOf = (rcptTo: string[]) => [...new Set(rcptTo.map((a) => a.toLowerCase()))].sort().join('\n');
+  const entry = (key: string): Key => {
+    let k = keys.get(key);
+    if (!k) keys.set(key, (k = { queue: [], running: 0, preparing: 0, holdUntil: 0, timer: null }));
+    return k;
   };
-  return (p) =>
-    new Promise<IngestResult>((resolve, reject) => {
-      const key = [...new Set(p.envelope.rcptTo.map((a) => a.toLowerCase()))].sort().join('\n');
-      let k = keys.get(key);
-      if (!k) keys.set(key, (k = { queue: [], running: 0 }));
-      k.queue.push({ p, resolve, reject });
-      if (k.running < LANES_PER_KEY) void drain(key, k);
-    });
+  const release = (key: string, k: Key) => {
+    if (k.running === 0 && k.preparing === 0 && k.queue.length === 0 && k.timer === null) keys.delete(key);
+  };
+  /** Whether the queued messages should wait for those still being prepared. */
+  const holding = (key: string, k: Key): boolean => {
+    if (k.preparing === 0 || k.queue.length >= MAX_BATCH) return false;
+    const now = Date.now();
+    if (k.holdUntil === 0) k.holdUntil = now + HOLD_MS;
+    if (now >= k.holdUntil) return false;
+    if (k.timer === null) {
+      k.timer = setTimeout(() => {
+        k.timer = null;
+        pump(key, k);
+      }, k.holdUntil - now);
+    }
+    return true;
+  };
+  const pump = (key: string, k: Key) => {
+    while (k.running < LANES_PER_KEY && k.queue.length > 0 && !holding(key, k)) {
+      if (k.timer !== null) clearTimeout(k.timer);
+      k.timer = null;
+      k.holdUntil = 0;
+      const batch = k.queue.splice(0, MAX_BATCH);
+      k.running++;
+      void run(key, k, batch);
+    }
+    release(key, k);
+  };
+  const run = async (key: string, k: Key, batch: Waiting[]) => {
+    try {
+      const outcomes = await commitEmails(deps, batch.map((w) => w.p));
+      batch.forEach((w, i) => {
+        const o = outcomes[i];
+        if (o.status === 'fulfilled') w.resolve(o.value);
+        else w.reject(o.reason);
+      });
+    } catch (e) {
+      for (const w of batch) w.reject(e);
+    }
+    k.running--;
+    pump(key, k);
+  };
+  /**
+   * Announces a message for `rcptTo` whose preparation (parsing, authentication) has begun,
+   * so that batches of the same recipients may wait for it; then `commit` or `cancel` it.
+   */
+  return (rcptTo) => {
+    const key = keyOf(rcptTo);
+    const k = entry(key);
+    k.preparing++;
+    let open = true;
+    const close = () => {
+      if (!open) return false;
+      open = false;
+      k.preparing--;
+      return true;
+    };
+    return {
+      commit: (p) =>
+        new Promise<IngestResult>((resolve, reject) => {
+          close();
+          k.queue.push({ p, resolve, reject });
+          pump(key, k);
+        }),
+      cancel() {
+        if (close()) pump(key, k);
+      },
+    };
+  };
 }
 
 /**
@@ -164,7 +234,7 @@ export function writeCombiner(deps: Deps): (p: PreparedEmail) => Promise<IngestR
 export async function startSmtpServer(deps: Deps): Promise<{ port: number; stop(): Promise<void> }> {
   const { config, log } = deps;
   const inFlight = new Set<Promise<unknown>>();
-  const commit = writeCombiner(deps);
+  const announce = writeCombiner(deps);
   const checkRcpt = cachedRecipientCheck(deps);
   const client = (s: SMTPServerSession) => ({ ip: s.remoteAddress, helo: s.hostNameAppearsAs || undefined, session: s.id });
 
@@ -219,8 +289,12 @@ export async function startSmtpServer(deps: Deps): Promise<{ port: number; stop(
           log.error({ err: e, smtp: client(session) }, 'smtp: message could not be read');
           return callback(smtpError(451, '4.3.0 Temporary local problem reading the message; try again later'));
         }
+        const write = announce(rcptTo);
         const job = prepareEmail(deps, raw, { mailFrom, rcptTo, remoteIp: session.remoteAddress ?? '', helo: session.hostNameAppearsAs || '' })
-          .then(commit)
+          .then((p) => write.commit(p), (e) => {
+            write.cancel();
+            throw e;
+          })
           .then((r) => {
             if (r.status === 'failed') {
               // A refusal says why; an internal error's details stay in the log and the database.
