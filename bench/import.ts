@@ -8,7 +8,7 @@ import pg from 'pg';
 // @ts-expect-error — a plain ES module without types (scripts/cli-bundle.mjs)
 import { bundleIsCurrent } from '../scripts/cli-bundle.mjs';
 import { join } from 'node:path';
-import { BENCH_DOMAIN, EASY_HAM, ROOT, createUsers, openSetupDeps, parleyEnv, progress, round, runParley, tempDataDir, type BenchDatabase } from './support.ts';
+import { BENCH_DOMAIN, EASY_HAM, ROOT, countInstructions, createUsers, openSetupDeps, parleyEnv, progress, round, runParley, tempDataDir, type BenchDatabase } from './support.ts';
 
 /** Figures of the import benchmark (keys of bench/results/latest.json). */
 export interface ImportFigures {
@@ -23,6 +23,9 @@ export interface ImportFigures {
   /** CPU time per message of the `parley import` process and of PostgreSQL (absent with DATABASE_URL), ms. */
   import_cli_cpu_ms_per_msg: number;
   import_pg_cpu_ms_per_msg?: number;
+  /** Instructions per message of the CLI and of PostgreSQL during the import (perf stat; absent without perf), millions. */
+  import_cli_minstr_per_msg?: number;
+  import_pg_minstr_per_msg?: number;
   /** .eml files in the corpus. */
   import_corpus_messages: number;
   /** Conversations and messages in the database after the import. */
@@ -85,8 +88,10 @@ export async function benchImport(database: BenchDatabase, corpus = EASY_HAM): P
     const bundledBefore: boolean = bundleIsCurrent();
     progress(`import: parley import of ${messagesInCorpus} messages from ${corpus} (${bundledBefore ? 'bundle' : 'sources through tsx'})`);
     const pg0 = database.cpuMs();
+    const instrPg = countInstructions(database.pids() ?? []);
     const run = await runParley(['import', corpus, '--owner', owner, '--json'], env, 'import', 240_000);
     const pg1 = database.cpuMs();
+    const pgInstr = await instrPg.stop();
     const bundled = bundledBefore && (bundleIsCurrent() as boolean);
     if (run.code !== 0) throw new Error(`parley import exited with ${run.code}:\n${run.output}`);
     const summary = parseSummary(run.stdout);
@@ -110,6 +115,8 @@ export async function benchImport(database: BenchDatabase, corpus = EASY_HAM): P
       import_msgs_per_s_excl_startup: round(messagesInCorpus / Math.max(0.001, summary.seconds), 1),
       import_cli_cpu_ms_per_msg: round(run.cpuMs / messagesInCorpus, 2),
       ...(pg0 !== null && pg1 !== null ? { import_pg_cpu_ms_per_msg: round((pg1 - pg0) / messagesInCorpus, 2) } : {}),
+      ...(Number.isFinite(run.instructions) ? { import_cli_minstr_per_msg: round(run.instructions / 1e6 / messagesInCorpus, 2) } : {}),
+      ...(Number.isFinite(pgInstr) ? { import_pg_minstr_per_msg: round(pgInstr / 1e6 / messagesInCorpus, 2) } : {}),
       import_corpus_messages: messagesInCorpus,
       import_conversations: after.conversations,
       import_messages: after.messages,

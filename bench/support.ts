@@ -207,6 +207,9 @@ export function processMemoryMb(pid: number): { rss: number; hwm: number } {
  * Captures a child's output: the last lines are kept for error messages and echoed to
  * stderr (capped); `stdoutLines` (if given) receives every stdout line.
  */
+/** Lines of a child's output echoed to stderr (BENCH_ECHO_LINES overrides, e.g. to read a --trace-opt log whole). */
+const ECHO_LINES = Number(process.env.BENCH_ECHO_LINES ?? 200);
+
 function captureOutput(child: ChildProcess, label: string, stdoutLines?: string[]): () => string {
   const tail: string[] = [];
   let echoed = 0;
@@ -215,8 +218,8 @@ function captureOutput(child: ChildProcess, label: string, stdoutLines?: string[
     if (!line.trim()) return;
     tail.push(line);
     if (tail.length > 40) tail.shift();
-    if (echoed < 200) process.stderr.write(`  [${label}] ${line.length > 300 ? `${line.slice(0, 300)}…` : line}\n`);
-    else if (echoed === 200) process.stderr.write(`  [${label}] … (further output not shown)\n`);
+    if (echoed < ECHO_LINES) process.stderr.write(`  [${label}] ${line.length > 300 ? `${line.slice(0, 300)}…` : line}\n`);
+    else if (echoed === ECHO_LINES) process.stderr.write(`  [${label}] … (further output not shown)\n`);
     echoed++;
   };
   for (const stream of [child.stdout, child.stderr]) {
@@ -315,19 +318,21 @@ export async function startPlatformProcess(opts: { databaseUrl: string; dataDir:
 /**
  * Runs `node bin/parley.js <args>` to completion, killing it after `timeoutMs`.
  * @throws Error when it had to be killed
- * @returns exit code, wall time in ms (spawn to exit), its CPU time in ms, the last lines of output and all of stdout
+ * @returns exit code, wall time in ms (spawn to exit), its CPU time in ms, its instructions
+ *   (perf stat from just after the spawn; NaN without perf), the last lines of output and all of stdout
  */
 export async function runParley(
   args: string[],
   env: NodeJS.ProcessEnv,
   label = 'parley',
   timeoutMs = 300_000,
-): Promise<{ code: number; ms: number; cpuMs: number; output: string; stdout: string }> {
+): Promise<{ code: number; ms: number; cpuMs: number; instructions: number; output: string; stdout: string }> {
   const t0 = performance.now();
   // BENCH_CLI_NODE_ARGS: extra node flags for CLI runs, e.g. "--cpu-prof --cpu-prof-dir=/tmp/prof".
   const nodeArgs = (process.env.BENCH_CLI_NODE_ARGS ?? '').split(' ').filter(Boolean);
   const child = spawn(process.execPath, [...nodeArgs, PARLEY_BIN, ...args], { cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'] });
   const unregister = onCleanup(async () => void child.kill('SIGKILL'));
+  const instructions = child.pid === undefined ? null : countInstructions([child.pid]);
   const stdout: string[] = [];
   const output = captureOutput(child, label, stdout);
   let timedOut = false;
@@ -340,8 +345,9 @@ export async function runParley(
   clearTimeout(timer);
   unregister();
   if (timedOut) throw new Error(`parley ${args.join(' ')} did not finish within ${timeoutMs / 1000} s (killed):\n${output()}`);
+  const instr = instructions ? await instructions.stop() : NaN;
   // Children exit one at a time here, so the growth of cutime+cstime is this child's CPU time.
-  return { code, ms: performance.now() - t0, cpuMs: exitedChildrenCpuMs() - cpu0, output: output(), stdout: stdout.join('\n') };
+  return { code, ms: performance.now() - t0, cpuMs: exitedChildrenCpuMs() - cpu0, instructions: instr, output: output(), stdout: stdout.join('\n') };
 }
 
 /** A keep-alive HTTP/1.1 JSON client (lighter than fetch, so the client steals little CPU). */
@@ -464,9 +470,11 @@ export function childPids(pid: number): number[] {
 export function countInstructions(pids: number[]): { stop(): Promise<number> } {
   const out = join(tmpdir(), `parley-perf-${process.pid}-${randomBytes(4).toString('hex')}.csv`);
   let child: ChildProcess | null = null;
+  let exited: Promise<unknown> = Promise.resolve();
   if (pids.length > 0) {
     try {
       child = spawn('perf', ['stat', '-x,', '-e', 'instructions', '-o', out, '-p', pids.join(',')], { stdio: 'ignore' });
+      exited = new Promise((r) => child!.once('exit', r));
       child.on('error', () => (child = null));
     } catch {
       child = null;
@@ -474,9 +482,9 @@ export function countInstructions(pids: number[]): { stop(): Promise<number> } {
   }
   return {
     async stop() {
-      if (!child || child.exitCode !== null) return NaN;
-      const exited = new Promise((r) => child!.once('exit', r));
-      child.kill('SIGINT');
+      if (!child) return NaN;
+      // perf ends by itself when the processes it counts have all exited (its file is then written).
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGINT');
       await exited;
       try {
         const line = readFileSync(out, 'utf8').split('\n').find((l) => l.includes('instructions'));
