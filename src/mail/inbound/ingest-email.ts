@@ -731,8 +731,9 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
   // Lock every target conversation first, in id order (no deadlock with other writers),
   // with all its participants (handed to the append's loadState, which then reads none):
   // one statement. Every column but `search_header`, a tsvector no write uses (apply-actions.ts
-  // lockConversationsForActors). The ids go through a sub-select so the prepared statement keeps one
-  // generic plan (apply-actions.ts lockConversationsForActors says why).
+  // lockConversationsForActors). The ids are given as a value the planner sees (this statement
+  // is planned at every call anyway): behind a sub-select it guessed 10 rows and, against a
+  // conversations table of a few thousand rows, scanned it whole (auto_explain, 2026-11-22).
   const targetIds = [...targets.keys()].sort((a, b) => a - b);
   // A conversation an earlier message of the batch changed: its rows and closing first.
   await settleIfAny(tx, c.pending, () => targetIds.some((id) => c.pending.touched.has(id)));
@@ -744,7 +745,7 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
                  c.last_hash, c.last_ts, c.message_count, c.org_id,
                  (select coalesce(json_agg(pa), '[]') from participants pa where pa.conv_id = c.id) as p_all
             from conversations c
-           where c.id = any((select ${targetIds}::bigint[])::bigint[])
+           where c.id = any(${targetIds}::bigint[])
            order by c.id
              for update of c`.execute(tx)
       ).rows
