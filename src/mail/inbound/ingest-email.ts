@@ -730,24 +730,15 @@ async function applyEmail(tx: Tx, deps: Deps, c: IngestContext): Promise<IngestR
 
   // Lock every target conversation first, in id order (no deadlock with other writers),
   // with all its participants (handed to the append's loadState, which then reads none):
-  // one statement. Every column but `search_header`, a tsvector no write uses (apply-actions.ts
-  // lockConversationsForActors). The ids are given as a value the planner sees (this statement
-  // is planned at every call anyway): behind a sub-select it guessed 10 rows and, against a
-  // conversations table of a few thousand rows, scanned it whole (auto_explain, 2026-11-22).
+  // one statement (`parley_lock_conversations_by_id`, migration 037: every column but
+  // `search_header`, a tsvector no write uses; one plan per connection, a primary-key probe
+  // per id whatever the size of the table).
   const targetIds = [...targets.keys()].sort((a, b) => a - b);
   // A conversation an earlier message of the batch changed: its rows and closing first.
   await settleIfAny(tx, c.pending, () => targetIds.some((id) => c.pending.touched.has(id)));
   const lockedRows = targetIds.length
     ? (
-        await sql<ConversationRow & { p_all: Selectable<ParticipantsTable>[] }>`
-          select c.id, c.key, c.draft_key, c.creator, c.leader, c.published, c.published_at, c.created_at, c.subject,
-                 c.subject_head, c.subject_lock_by, c.subject_lock_at, c.subject_lock_id, c.expiry, c.expiry_head, c.last_id,
-                 c.last_hash, c.last_ts, c.message_count, c.org_id,
-                 (select coalesce(json_agg(pa), '[]') from participants pa where pa.conv_id = c.id) as p_all
-            from conversations c
-           where c.id = any(${targetIds}::bigint[])
-           order by c.id
-             for update of c`.execute(tx)
+        await sql<ConversationRow & { p_all: Selectable<ParticipantsTable>[] }>`select * from parley_lock_conversations_by_id(${targetIds}::bigint[])`.execute(tx)
       ).rows
     : [];
   /** Import: the conversations whose local participants' list time becomes the email's Date (unless later already). */
