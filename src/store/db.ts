@@ -142,15 +142,12 @@ const pipelined = new WeakSet<object>();
  * @throws whatever `fn`, `first`, the hooks or COMMIT throw (rolled back)
  */
 export async function pipelinedTransaction<T>(db: Db, first: string | null, fn: (tx: Tx, firstRows: unknown[]) => Promise<T>): Promise<T> {
-  const notices: { channel: string; payload: string }[] = [];
-  const committed: ((db: Db) => void)[] = [];
+  let state!: TxState;
   const result = await db.kysely.connection().execute(async (conn) => {
     const tx = conn as unknown as Tx;
     pipelined.add(tx);
-    pendingNotices.set(tx, notices);
-    afterCommitHooks.set(tx, committed);
-    const hooks: (() => Promise<void>)[] = [];
-    beforeCommitHooks.set(tx, hooks);
+    state = openTxState(tx);
+    const hooks = state.beforeCommit;
     let open = true;
     try {
       const r0 = first === null ? await sql.raw('begin').execute(conn) : await sql.raw(`${BEGIN_WITH}${first}`).execute(conn);
@@ -174,9 +171,33 @@ export async function pipelinedTransaction<T>(db: Db, first: string | null, fn: 
       throw e;
     }
   });
-  if (notices.length > 0) notifierOf(db).send(notices);
-  runAfterCommit(db, committed);
+  committedTx(db, state);
   return result;
+}
+
+/** What a transaction opened with {@link transaction} or {@link pipelinedTransaction} does around its COMMIT. */
+interface TxState {
+  /** Notifications sent once it has committed ({@link notifyAfterCommit}). */
+  notices: { channel: string; payload: string }[];
+  /** Hooks run once it has committed ({@link afterCommit}). */
+  afterCommit: ((db: Db) => void)[];
+  /** Its last work before COMMIT ({@link beforeCommit}). */
+  beforeCommit: (() => Promise<void>)[];
+}
+
+/** Registers a new transaction's {@link TxState} under `tx`. */
+function openTxState(tx: object): TxState {
+  const state: TxState = { notices: [], afterCommit: [], beforeCommit: [] };
+  pendingNotices.set(tx, state.notices);
+  afterCommitHooks.set(tx, state.afterCommit);
+  beforeCommitHooks.set(tx, state.beforeCommit);
+  return state;
+}
+
+/** What follows a committed transaction: its notifications, then its after-commit hooks. */
+function committedTx(db: Db, state: TxState): void {
+  if (state.notices.length > 0) notifierOf(db).send(state.notices);
+  runAfterCommit(db, state.afterCommit);
 }
 
 /** Notifications a transaction opened with {@link transaction} sends once it has committed. */
@@ -231,19 +252,14 @@ export function beforeCommit(tx: Queryable, hook: () => Promise<void>): boolean 
  * also poll (src/streams/realtime.ts, src/delivery/worker.ts).
  */
 export async function transaction<T>(db: Db, fn: (tx: Tx) => Promise<T>): Promise<T> {
-  const notices: { channel: string; payload: string }[] = [];
-  const committed: ((db: Db) => void)[] = [];
+  let state!: TxState;
   const result = await db.kysely.transaction().execute(async (tx) => {
-    pendingNotices.set(tx, notices);
-    afterCommitHooks.set(tx, committed);
-    const hooks: (() => Promise<void>)[] = [];
-    beforeCommitHooks.set(tx, hooks);
+    state = openTxState(tx);
     const r = await fn(tx);
-    for (let i = 0; i < hooks.length; i++) await hooks[i]();
+    for (let i = 0; i < state.beforeCommit.length; i++) await state.beforeCommit[i]();
     return r;
   });
-  if (notices.length > 0) notifierOf(db).send(notices);
-  runAfterCommit(db, committed);
+  committedTx(db, state);
   return result;
 }
 
