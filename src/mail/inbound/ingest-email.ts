@@ -410,13 +410,10 @@ async function lookupKnown(tx: Tx, lookup: string[], locals: string[]): Promise<
     const p = parseOutboundMessageId(id);
     return p ? [{ id, ...p }] : [];
   });
+  // parley_known_emails (migration 036): the recorded emails, planned with index scans whatever the tables' size.
   if (sent.length > 0) {
     const r = await sql<KnownRow>`
-      select em.conv_id, em.message_id, cv.key, cv.published, p.address
-        from email_messages em
-        join conversations cv on cv.id = em.conv_id
-        left join participants p on p.conv_id = em.conv_id and p.address = any(${locals}::text[]) and p.removed_id is null
-       where em.message_id = any(${lookup}::text[])
+      select * from parley_known_emails(${lookup}::text[], ${locals}::text[])
       union
       select cv.id, x.id, cv.key, cv.published, p.address
         from unnest(${sent.map((x) => x.id)}::text[], ${sent.map((x) => x.key)}::text[], ${sent.map((x) => x.domain)}::text[]) as x(id, key, domain)
@@ -424,7 +421,6 @@ async function lookupKnown(tx: Tx, lookup: string[], locals: string[]): Promise<
         left join participants p on p.conv_id = cv.id and p.address = any(${locals}::text[]) and p.removed_id is null`.execute(tx);
     return r.rows;
   }
-  // parley_known_emails (migration 036): the same join, planned with index scans whatever the tables' size.
   const r = await sql<KnownRow>`select * from parley_known_emails(${lookup}::text[], ${locals}::text[])`.execute(tx);
   return r.rows;
 }
