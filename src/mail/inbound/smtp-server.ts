@@ -26,9 +26,9 @@
  *   in flight (two at most), the messages that arrive queue, and the next transaction takes all of them
  *   (ingest-email.ts `commitEmails`: one COMMIT, each recipient's stream counter locked
  *   once per batch instead of once per message); a message ready while others of the same
- *   recipients are still being parsed waits for them up to {@link HOLD_MS}. Each message is still answered only once
- *   its transaction has committed; a batch that fails is redone one message at a time, so
- *   one bad message never fails the others.
+ *   recipients are still being parsed waits for them up to {@link HOLD_MS}. Each message
+ *   is still answered only once its transaction has committed; a batch that fails is redone
+ *   one message at a time, so one bad message never fails the others.
  */
 import type { AddressInfo } from 'node:net';
 import { SMTPServer, type SMTPServerDataStream, type SMTPServerSession } from 'smtp-server';
@@ -139,10 +139,10 @@ export interface CombinedWrite {
  * busy queues, and the first to finish takes every queued message (up to
  * {@link MAX_BATCH}) into its next transaction. A message that finds a lane free is
  * committed at once, unless messages for the same recipients are still being prepared:
- * then the batch waits for them, at most {@link HOLD_MS}. Transactions of one key can only wait for each
- * other's locks (PostgreSQL resolves a deadlock by failing one, which commitEmails then
- * redoes message by message), never change each other's outcome: duplicates are decided
- * under the Message-ID's lock, as between recipient sets.
+ * then the batch waits for them, at most {@link HOLD_MS}. Transactions of one key can only
+ * wait for each other's locks (PostgreSQL resolves a deadlock by failing one, which
+ * commitEmails then redoes message by message), never change each other's outcome:
+ * duplicates are decided under the Message-ID's lock, as between recipient sets.
  */
 export function writeCombiner(deps: Deps): (rcptTo: string[]) => CombinedWrite {
   type Waiting = { p: PreparedEmail; resolve(r: IngestResult): void; reject(e: unknown): void };
