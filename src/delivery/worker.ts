@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
+import { listen } from '../store/listen.ts';
 import { sql, type Updateable } from 'kysely';
 import type { Deps } from '../context.ts';
 import { DELIVERIES_CHANNEL } from '../mail/outbound/enqueue.ts';
@@ -719,16 +720,12 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
     return handled - before + (await sweep());
   };
 
-  const listener = new pg.Client({ connectionString });
-  listener.on('notification', kick);
-  listener.on('error', (err) => deps.log.warn({ err }, 'delivery listener lost; polling continues'));
-  await listener.connect();
-  await listener.query(`LISTEN ${DELIVERIES_CHANNEL}`);
+  const unlisten = await listen(deps.db, DELIVERIES_CHANNEL, kick, { onReconnect: kick, warn: (msg, err) => deps.log.warn({ err }, msg) });
   // Open the worker's connections now, not on the first claim or late outcome.
   try {
     await Promise.all([claimer.open(), recorder.open(), late.open()]);
   } catch (e) {
-    await Promise.all([listener.end(), claimer.end(), recorder.end(), late.end()]).catch(() => {});
+    await Promise.all([unlisten(), claimer.end(), recorder.end(), late.end()]).catch(() => {});
     throw e;
   }
   const timer = setInterval(() => {
@@ -744,7 +741,7 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
     stop: async () => {
       stopped = true;
       clearInterval(timer);
-      await listener.end().catch(() => {});
+      await unlisten();
       await idle();
       while (sweeping) await new Promise((r) => setTimeout(r, 10));
       await Promise.all([claimer.end(), recorder.end(), late.end()]);

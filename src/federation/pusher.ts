@@ -16,7 +16,7 @@
  * new action is claimed, or picked up by the lane holding its link, at once), and by a 1 s
  * poll for retries.
  */
-import pg from 'pg';
+import { listen } from '../store/listen.ts';
 import { sql } from 'kysely';
 import type { Action } from '../core/actions.ts';
 import type { Deps } from '../context.ts';
@@ -512,19 +512,20 @@ export async function startFederationWorker(deps: Deps, opts: { pollMs?: number 
     }
   };
   const runner = coalescingRunner(round, (e) => deps.log.error({ err: e }, 'federation round failed'));
-  const listener = new pg.Client({ connectionString: (deps.db.pool as any).options.connectionString });
-  listener.on('notification', (n) => {
-    // The payload of an append is its conversation's id: a lane that holds the conversation's
-    // link sends its new actions with its next request anyway; anything else is a claim.
-    // (Links are made or reopened with an empty payload, so the platforms known here are all of them.)
-    const conv = Number(n.payload);
-    const platforms = n.payload ? linkedTo.get(conv) : undefined;
-    if (platforms && [...platforms].every((p) => lanes.get(p)?.holds(conv))) return;
-    runner.kick();
-  });
-  listener.on('error', (err) => deps.log.warn({ err }, 'federation listener lost; polling continues'));
-  await listener.connect();
-  await listener.query(`LISTEN ${FEDERATION_CHANNEL}`);
+  const unlisten = await listen(
+    deps.db,
+    FEDERATION_CHANNEL,
+    (payload) => {
+      // The payload of an append is its conversation's id: a lane that holds the conversation's
+      // link sends its new actions with its next request anyway; anything else is a claim.
+      // (Links are made or reopened with an empty payload, so the platforms known here are all of them.)
+      const conv = Number(payload);
+      const platforms = payload ? linkedTo.get(conv) : undefined;
+      if (platforms && [...platforms].every((p) => lanes.get(p)?.holds(conv))) return;
+      runner.kick();
+    },
+    { onReconnect: runner.kick, warn: (msg, err) => deps.log.warn({ err }, msg) },
+  );
   const timer = setInterval(runner.kick, opts.pollMs ?? 1000);
   runner.kick();
   warmVerifyWorker(); // the catch-up's first page is checked on it
@@ -547,7 +548,7 @@ export async function startFederationWorker(deps: Deps, opts: { pollMs?: number 
       await runner.stop();
       for (const l of lanes.values()) await l.idle();
       await catchingUp;
-      await listener.end().catch(() => {});
+      await unlisten();
     },
   };
 }

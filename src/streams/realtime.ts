@@ -1,5 +1,5 @@
-import pg from 'pg';
 import type { Deps } from '../context.ts';
+import { listen } from '../store/listen.ts';
 import { onLocalEvents } from './local-bus.ts';
 import type { StreamEvent } from './read.ts';
 import { EVENTS_CHANNEL } from './store.ts';
@@ -15,8 +15,9 @@ export interface Wake {
 }
 
 /**
- * The realtime bus of a web process: one PostgreSQL connection LISTENing on
- * `parley_events` (ARCHITECTURE.md: "realtime events cross processes through LISTEN/NOTIFY").
+ * The realtime bus of a web process: LISTENing on `parley_events` through the process's one
+ * LISTEN connection (src/store/listen.ts; ARCHITECTURE.md: "realtime events cross processes
+ * through LISTEN/NOTIFY").
  * Subscribers are told a user's stream grew; they read the stream from their cursor, so a
  * lost notification costs latency, never an event. Events committed by this very process
  * come with the wake-up itself (local-bus.ts), so a subscriber need not read them. After a reconnect every subscriber is
@@ -37,10 +38,6 @@ export async function startRealtime(deps: Deps): Promise<Realtime> {
   const listeners = new Map<number, Set<(wake: Wake) => void>>();
   /** Highest stream position known per subscribed user (from notifications or polling). */
   const known = new Map<number, number>();
-  let client: pg.Client | null = null;
-  let stopped = false;
-  let retryMs = 100;
-
   const wakeAll = () => {
     for (const set of listeners.values()) for (const l of set) l({});
   };
@@ -51,43 +48,23 @@ export async function startRealtime(deps: Deps): Promise<Realtime> {
     if (seq > (known.get(userId) ?? 0)) known.set(userId, seq);
     for (const l of set) l({ events });
   });
-  const connect = async (): Promise<void> => {
-    const c = new pg.Client({ connectionString: (deps.db.pool as any).options.connectionString });
-    c.on('notification', (msg) => {
-      if (msg.channel !== EVENTS_CHANNEL || !msg.payload) return;
-      try {
-        const { u } = JSON.parse(msg.payload) as { u: [number, number][] };
-        for (const [userId, seq] of u) {
-          if (!listeners.has(userId)) continue;
-          if (seq > (known.get(userId) ?? 0)) known.set(userId, seq);
-          for (const l of listeners.get(userId) ?? []) l({ upTo: seq });
-        }
-      } catch (e) {
-        deps.log.warn({ err: e }, 'malformed realtime notification');
+  const onNotification = (payload: string) => {
+    if (!payload) return;
+    try {
+      const { u } = JSON.parse(payload) as { u: [number, number][] };
+      for (const [userId, seq] of u) {
+        if (!listeners.has(userId)) continue;
+        if (seq > (known.get(userId) ?? 0)) known.set(userId, seq);
+        for (const l of listeners.get(userId) ?? []) l({ upTo: seq });
       }
-    });
-    c.on('error', (err) => {
-      deps.log.warn({ err }, 'realtime connection lost; reconnecting');
-      c.end().catch(() => {});
-      if (client === c) client = null;
-      if (!stopped) setTimeout(reconnect, retryMs);
-    });
-    await c.connect();
-    await c.query(`LISTEN ${EVENTS_CHANNEL}`);
-    client = c;
-    retryMs = 100;
+    } catch (e) {
+      deps.log.warn({ err: e }, 'malformed realtime notification');
+    }
   };
-  const reconnect = () => {
-    if (stopped) return;
-    connect()
-      .then(wakeAll)
-      .catch((err) => {
-        retryMs = Math.min(retryMs * 2, 5000);
-        deps.log.warn({ err, retryMs }, 'realtime reconnect failed');
-        setTimeout(reconnect, retryMs);
-      });
-  };
-  await connect();
+  const unlisten = await listen(deps.db, EVENTS_CHANNEL, onNotification, {
+    onReconnect: wakeAll,
+    warn: (msg, err) => deps.log.warn({ err }, msg),
+  });
   let polling = false;
   const safetyPoll = setInterval(() => {
     if (polling || listeners.size === 0) return;
@@ -121,10 +98,9 @@ export async function startRealtime(deps: Deps): Promise<Realtime> {
       };
     },
     async stop() {
-      stopped = true;
       stopLocal();
       clearInterval(safetyPoll);
-      await client?.end().catch(() => {});
+      await unlisten();
     },
   };
 }
