@@ -4,7 +4,9 @@
  * - **allow and deny lists** of platforms (`PARLEY_FEDERATION_ALLOW`, `PARLEY_FEDERATION_DENY`):
  *   a request whose keyid names a platform that is denied, or not allowed while an allow list
  *   is set, is refused with `403 platform_denied` **before** its signature is verified — so a
- *   denied platform never makes this one discover it or fetch its keys;
+ *   denied platform never makes this one discover it or fetch its keys. The lists and the
+ *   rate below are read from `deps.config` at each use, so `kill -HUP` (a configuration
+ *   reload, src/cli/commands/start.ts) changes them at once;
  * - a **rate limit per remote platform** (`PARLEY_FEDERATION_RATE` requests/s with
  *   `PARLEY_FEDERATION_BURST`): a token bucket in memory, per process. A request is admitted
  *   while the bucket of the platform its keyid names holds a token, and is charged to that
@@ -81,11 +83,22 @@ interface Bucket {
  */
 export class PeerRateLimiter {
   private readonly buckets = new Map<string, Bucket>();
+  /**
+   * @param limits read at every request, so a configuration reload (SIGHUP) applies at once:
+   *   `ratePerS` tokens per second (0: no limit), at most `burst` in a bucket
+   */
   constructor(
-    private readonly ratePerS: number,
-    private readonly burst: number,
+    private readonly limits: () => { ratePerS: number; burst: number },
     private readonly now: () => number,
   ) {}
+
+  private get ratePerS(): number {
+    return this.limits().ratePerS;
+  }
+
+  private get burst(): number {
+    return this.limits().burst;
+  }
 
   private bucket(peer: string): Bucket {
     const t = this.now();
@@ -126,7 +139,11 @@ const limiters = new WeakMap<object, PeerRateLimiter>();
 export function rateLimiterOf(deps: Pick<Deps, 'db' | 'config' | 'clock'>): PeerRateLimiter {
   let l = limiters.get(deps.db);
   if (!l) {
-    l = new PeerRateLimiter(deps.config.federationRatePerS ?? 200, deps.config.federationBurst ?? 400, () => deps.clock.now());
+    const config = deps.config;
+    l = new PeerRateLimiter(
+      () => ({ ratePerS: config.federationRatePerS ?? 200, burst: config.federationBurst ?? 400 }),
+      () => deps.clock.now(),
+    );
     limiters.set(deps.db, l);
   }
   return l;

@@ -221,3 +221,35 @@ export function loadConfig(
   }
   return merged as Config;
 }
+
+/**
+ * Settings a running process takes from a new reading of its configuration — `kill -HUP`
+ * of a `parley start` process (src/cli/commands/start.ts; docs/operations.md, "Reloading the
+ * configuration"): the federation allow and deny lists and the rate limit per remote
+ * platform (issue 3 §9), which an operator changes to shut out or let in a platform without
+ * a restart. Every other setting is read at start (ports, database, roles' resources).
+ */
+export const RELOADABLE_KEYS = ['federationAllow', 'federationDeny', 'federationRatePerS', 'federationBurst'] as const;
+
+/**
+ * Copies the {@link RELOADABLE_KEYS} of `fresh` (a configuration just loaded and validated by
+ * {@link loadConfig}) into `current`, the object the running process reads them from.
+ * @returns the reloadable keys whose value changed (now applied), and the other keys whose
+ *   value differs from the running one (not applied: they need a restart)
+ */
+export function applyReload(current: Config, fresh: Config): { applied: string[]; needRestart: string[] } {
+  const same = (a: unknown, b: unknown) => JSON.stringify(a) === JSON.stringify(b);
+  const reloadable = new Set<string>(RELOADABLE_KEYS);
+  const applied: string[] = [];
+  const needRestart: string[] = [];
+  const target = current as Record<string, unknown>;
+  const source = fresh as Record<string, unknown>;
+  for (const key of new Set([...Object.keys(target), ...Object.keys(source)])) {
+    if (same(target[key], source[key])) continue;
+    if (reloadable.has(key)) {
+      target[key] = source[key];
+      applied.push(key);
+    } else needRestart.push(key);
+  }
+  return { applied, needRestart };
+}

@@ -113,7 +113,7 @@ describe('allow and deny lists (pure)', () => {
 describe('rate limit per platform (token bucket)', () => {
   it('admits a burst, then asks to wait until a token is back; platforms have their own buckets', () => {
     let t = 1_000_000;
-    const l = new PeerRateLimiter(2, 3, () => t);
+    const l = new PeerRateLimiter(() => ({ ratePerS: 2, burst: 3 }), () => t);
     for (let i = 0; i < 3; i++) {
       assert.equal(l.retryAfterS('beta.test'), 0);
       l.charge('beta.test');
@@ -133,9 +133,24 @@ describe('rate limit per platform (token bucket)', () => {
   });
 
   it('rate 0 means no limit', () => {
-    const l = new PeerRateLimiter(0, 1, () => 0);
+    const l = new PeerRateLimiter(() => ({ ratePerS: 0, burst: 1 }), () => 0);
     for (let i = 0; i < 10; i++) l.charge('beta.test');
     assert.equal(l.retryAfterS('beta.test'), 0);
+  });
+
+  it('takes new limits at the next request (a configuration reload)', () => {
+    const limits = { ratePerS: 1, burst: 1 };
+    const l = new PeerRateLimiter(() => limits, () => 0);
+    l.charge('beta.test');
+    assert.equal(l.retryAfterS('beta.test'), 1);
+    limits.ratePerS = 0;
+    assert.equal(l.retryAfterS('beta.test'), 0, 'limit lifted');
+    limits.ratePerS = 1;
+    limits.burst = 5;
+    l.charge('beta.test'); // empty, now 1 in debt: 2 tokens to wait for at 1/s
+    assert.equal(l.retryAfterS('beta.test'), 2, 'the bucket keeps what it held under the new limits');
+    limits.ratePerS = 2;
+    assert.equal(l.retryAfterS('beta.test'), 1, 'a higher rate refills it sooner');
   });
 });
 

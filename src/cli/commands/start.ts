@@ -31,6 +31,23 @@ export function registerStart(program: Command): void {
       };
       process.on('SIGINT', () => void stop('SIGINT'));
       process.on('SIGTERM', () => void stop('SIGTERM'));
+      // kill -HUP: read the configuration again (environment and config file) and apply what
+      // may change while running; an invalid configuration changes nothing (docs/operations.md).
+      process.on('SIGHUP', () => {
+        void (async () => {
+          const { applyReload } = await import('../../platform/config.ts');
+          let fresh: typeof config;
+          try {
+            fresh = await cliConfig(cmd);
+          } catch (e) {
+            log.error({ err: (e as Error).message }, 'configuration not reloaded: it is invalid; the running one stays');
+            return;
+          }
+          const { applied, needRestart } = applyReload(platform.deps.config, fresh);
+          log.info({ applied }, 'configuration reloaded');
+          if (needRestart.length > 0) log.warn({ settings: needRestart }, 'configuration reloaded: these changed settings apply only after a restart');
+        })();
+      });
     });
 
   program
