@@ -50,7 +50,8 @@ class ListenHub {
     if (!set) this.channels.set(channel, (set = new Set()));
     set.add(sub);
     if (!this.client) await this.connect();
-    const c = this.client!;
+    const c = this.client;
+    if (!c) throw new Error('the LISTEN connection was closed while being made');
     if (!this.listening.has(channel)) {
       await c.query(`LISTEN ${quoteChannel(channel)}`);
       this.listening.add(channel);
@@ -95,6 +96,11 @@ class ListenHub {
       } catch (e) {
         await c.end().catch(() => {});
         throw e;
+      }
+      if (this.channels.size === 0) {
+        // every subscriber left while it was being made
+        await c.end().catch(() => {});
+        return;
       }
       this.client = c;
       this.listening = listening;
