@@ -3,7 +3,7 @@
  * `message:add` each, from 10 concurrent clients (docs/benchmarks.md).
  */
 import { connect, type Socket } from 'node:net';
-import { countInstructions, expectStatus, messageBody, percentile, processCpuMs, progress, round, type ConversationPair } from './support.ts';
+import { countInstructions, countTreeInstructions, expectStatus, messageBody, percentile, processCpuMs, progress, round, type ConversationPair } from './support.ts';
 
 /**
  * The writers' HTTP client: one keep-alive HTTP/1.1 connection, one request in flight. Each
@@ -175,7 +175,8 @@ export async function benchAppend(
     const client0 = process.cpuUsage();
     // PostgreSQL's backends for the platform's pool exist by now (the warm-up used them).
     const instrPlatform = countInstructions([platform.pid]);
-    const instrPg = countInstructions(opts.pgPids?.() ?? []);
+    const instrPg = await countTreeInstructions(() => opts.pgPids?.() ?? []);
+    await instrPlatform.ready();
     const t0 = performance.now();
     await run(total, latencies);
     const elapsedMs = performance.now() - t0;

@@ -8,7 +8,7 @@ import pg from 'pg';
 // @ts-expect-error — a plain ES module without types (scripts/cli-bundle.mjs)
 import { bundleIsCurrent } from '../scripts/cli-bundle.mjs';
 import { join } from 'node:path';
-import { BENCH_DOMAIN, EASY_HAM, ROOT, countInstructions, createUsers, openSetupDeps, parleyEnv, progress, round, runParley, tempDataDir, type BenchDatabase } from './support.ts';
+import { BENCH_DOMAIN, EASY_HAM, ROOT, countTreeInstructions, createUsers, openSetupDeps, parleyEnv, progress, round, runParley, tempDataDir, type BenchDatabase } from './support.ts';
 
 /** Figures of the import benchmark (keys of bench/results/latest.json). */
 export interface ImportFigures {
@@ -88,7 +88,7 @@ export async function benchImport(database: BenchDatabase, corpus = EASY_HAM): P
     const bundledBefore: boolean = bundleIsCurrent();
     progress(`import: parley import of ${messagesInCorpus} messages from ${corpus} (${bundledBefore ? 'bundle' : 'sources through tsx'})`);
     const pg0 = database.cpuMs();
-    const instrPg = countInstructions(database.pids() ?? []);
+    const instrPg = await countTreeInstructions(() => database.pids() ?? []);
     const run = await runParley(['import', corpus, '--owner', owner, '--json'], env, 'import', 240_000);
     const pg1 = database.cpuMs();
     const pgInstr = await instrPg.stop();

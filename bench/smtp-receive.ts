@@ -13,6 +13,7 @@ import {
   BENCH_DOMAIN,
   EASY_HAM,
   countInstructions,
+  countTreeInstructions,
   ROOT,
   createUsers,
   percentile,
@@ -153,7 +154,8 @@ export async function benchSmtpReceive(
     const pg0 = database.cpuMs();
     const client0 = process.cpuUsage();
     const instrPlatform = countInstructions([platform.pid]);
-    const instrPg = countInstructions(database.pids() ?? []);
+    const instrPg = await countTreeInstructions(() => database.pids() ?? []);
+    await instrPlatform.ready();
     const t0 = performance.now();
     await Promise.all(
       Array.from({ length: 4 }, async () => {

@@ -4,7 +4,7 @@
  * on stderr. Everything runs on loopback.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { chmodSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, rmSync } from 'node:fs';
 import http from 'node:http';
 import { createServer, connect } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -467,7 +467,7 @@ export function childPids(pid: number): number[] {
  * NaN when perf is missing, not allowed, or `pids` is empty. Instructions per operation vary
  * far less than CPU time with the machine's speed and load (docs/benchmarks.md).
  */
-export function countInstructions(pids: number[]): { stop(): Promise<number> } {
+export function countInstructions(pids: number[]): { ready(): Promise<void>; stop(): Promise<number> } {
   const out = join(tmpdir(), `parley-perf-${process.pid}-${randomBytes(4).toString('hex')}.csv`);
   let child: ChildProcess | null = null;
   let exited: Promise<unknown> = Promise.resolve();
@@ -481,6 +481,13 @@ export function countInstructions(pids: number[]): { stop(): Promise<number> } {
     }
   }
   return {
+    async ready() {
+      // perf has attached once it holds a perf_event descriptor per thread of `pids`
+      const threads = pids.reduce((n, pid) => n + threadCount(pid), 0);
+      const deadline = Date.now() + 2000;
+      while (child?.pid !== undefined && child.exitCode === null && perfEvents(child.pid) < threads && Date.now() < deadline)
+        await new Promise((r) => setTimeout(r, 5));
+    },
     async stop() {
       if (!child) return NaN;
       // perf ends by itself when the processes it counts have all exited (its file is then written).
@@ -495,6 +502,56 @@ export function countInstructions(pids: number[]): { stop(): Promise<number> } {
       } finally {
         rmSync(out, { force: true });
       }
+    },
+  };
+}
+
+/** Threads of process `pid` now (0 when it is gone). */
+function threadCount(pid: number): number {
+  try {
+    return readdirSync(`/proc/${pid}/task`).length;
+  } catch {
+    return 0;
+  }
+}
+
+/** perf_event descriptors process `pid` holds open. */
+function perfEvents(pid: number): number {
+  try {
+    return readdirSync(`/proc/${pid}/fd`).filter((fd) => {
+      try {
+        return readlinkSync(`/proc/${pid}/fd/${fd}`) === 'anon_inode:[perf_event]';
+      } catch {
+        return false;
+      }
+    }).length;
+  } catch {
+    return 0;
+  }
+}
+
+/**
+ * {@link countInstructions} for a changing set of processes — PostgreSQL's postmaster and its
+ * backends (`list()`, e.g. BenchDatabase.pids) — counted from when this resolves: a backend
+ * forked after perf attached counts through the postmaster's inherited counter, but one forked
+ * between `list()` and the attach was missed — the platform's pool opening connections as the
+ * measured run began — and the SMTP run reported 2–5 instead of ≈ 9 M PostgreSQL instructions
+ * per message in about half its runs (session 8). So this waits until perf has attached, lists
+ * again and counts the newcomers too (from then; what they did in those few milliseconds is
+ * not counted).
+ */
+export async function countTreeInstructions(list: () => number[]): Promise<{ stop(): Promise<number> }> {
+  const first = list();
+  const a = countInstructions(first);
+  await a.ready();
+  const known = new Set(first);
+  const late = list().filter((pid) => !known.has(pid));
+  const b = late.length > 0 ? countInstructions(late) : null;
+  await b?.ready();
+  return {
+    async stop() {
+      const [x, y] = await Promise.all([a.stop(), b ? b.stop() : Promise.resolve(0)]);
+      return x + y;
     },
   };
 }

@@ -224,8 +224,8 @@ export function loadConfig(
 
 /**
  * Settings a running process takes from a new reading of its configuration — `kill -HUP`
- * of a `parley start` process (src/cli/commands/start.ts; docs/operations.md, "Reloading the
- * configuration"): the federation allow and deny lists and the rate limit per remote
+ * of a `parley start` process (src/cli/commands/start.ts; docs/operations.md, Configuration,
+ * "Reloading"): the federation allow and deny lists and the rate limit per remote
  * platform (issue 3 §9), which an operator changes to shut out or let in a platform without
  * a restart. Every other setting is read at start (ports, database, roles' resources).
  */
