@@ -4,7 +4,7 @@
  * database of the run's PostgreSQL, talking over loopback through static routes.
  *
  * - **Live replication**: 10 writers on A each lead a conversation with one reader on B and
- *   one participant on C. After a warm-up of 100 actions per writer (not measured; every
+ *   one participant on C. After a warm-up of 500 actions per writer (not measured; every
  *   frame of it seen on B), the writers append `message:add` actions through A's API as fast
  *   as they can (10 concurrent clients, one request in flight each); every reader holds a
  *   websocket open on B. Per action: A's API request sent → the action's frame on B's
@@ -216,13 +216,15 @@ function openSocket(base: string, token: string, onFrame: (f: any) => void): Pro
 /**
  * Runs the federation benchmark on fresh databases of `database`.
  * @param opts.perWriter actions each of the 10 writers appends in the live run (default 200)
- * @param opts.warmup actions each writer appends first, not measured, all seen on B before the live run starts (default 100, i.e. 1,000 as the append benchmark's warm-up; `BENCH_FEDERATION_WARMUP`)
+ * @param opts.warmup actions each writer appends first, not measured, all seen on B before the live run starts (default 500: 5,000 in all — with
+ *   100 the three platforms were still compiling through the 2,000 measured actions, half of A's
+ *   instructions per action; `BENCH_FEDERATION_WARMUP`)
  * @param opts.catchup actions appended while B is down (default 10,000; `BENCH_FEDERATION_CATCHUP` sets it for a run whose profile should cover the live part only)
  * @throws Error when a platform does not start, an append is refused, or replication does not converge within 60 s
  */
 export async function benchFederation(database: BenchDatabase, opts: { perWriter?: number; warmup?: number; catchup?: number } = {}): Promise<FederationFigures> {
   const perWriter = opts.perWriter ?? Number(process.env.BENCH_FEDERATION_PER_WRITER ?? 200);
-  const warmup = opts.warmup ?? Number(process.env.BENCH_FEDERATION_WARMUP ?? 100);
+  const warmup = opts.warmup ?? Number(process.env.BENCH_FEDERATION_WARMUP ?? 500);
   const catchup = opts.catchup ?? Number(process.env.BENCH_FEDERATION_CATCHUP ?? 10_000);
   const members: Member[] = [];
   const dirs: { rm(): void }[] = [];
