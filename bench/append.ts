@@ -126,7 +126,10 @@ export interface AppendFigures {
 /**
  * Each pair's writer adds messages to its own conversation in a closed loop (one request in
  * flight per client) until `total` requests have been answered; `warmup` requests first are
- * not measured. No request is started after `limitMs` (default 1 minute) of either phase.
+ * not measured (default 10,000, `BENCH_APPEND_WARMUP`: after 1,000 the platform was still
+ * compiling through the measured run — 1.18 against 0.97–1.02 M instructions per append with
+ * 5,000 to 20,000, session 8 — and a long-running platform compiled its code long before).
+ * No request is started after `limitMs` (default 1 minute) of either phase.
  * @param platform the platform process (its CPU time is read from /proc) and its http://host:port
  * @param pgCpuMs reads the PostgreSQL server's CPU time (BenchDatabase.cpuMs)
  * @throws Error on any answer other than 200
@@ -138,7 +141,7 @@ export async function benchAppend(
   opts: { total?: number; warmup?: number; limitMs?: number; pgPids?: () => number[] | null } = {},
 ): Promise<AppendFigures> {
   const total = opts.total ?? 20_000;
-  const warmup = opts.warmup ?? 1_000;
+  const warmup = opts.warmup ?? Number(process.env.BENCH_APPEND_WARMUP ?? 10_000);
   const limitMs = opts.limitMs ?? 60_000;
   const clients = pairs.map((p) => {
     if (!p.writer.token) throw new Error('append: a writer without a session token');
