@@ -1,9 +1,9 @@
 import { randomBytes } from 'node:crypto';
 import pg from 'pg';
-import { listen } from '../store/listen.ts';
 import { sql, type Updateable } from 'kysely';
 import type { Deps } from '../context.ts';
 import { DELIVERIES_CHANNEL } from '../mail/outbound/enqueue.ts';
+import { listen } from '../store/listen.ts';
 import type { DeliveriesTable } from '../store/schema.ts';
 import { applyEarlyReceipts } from './inbound.ts';
 import { orgConfigCache } from './org-config.ts';
@@ -720,7 +720,7 @@ export async function startDeliveryWorker(deps: Deps, opts: WorkerOptions = {}):
     return handled - before + (await sweep());
   };
 
-  const unlisten = await listen(deps.db, DELIVERIES_CHANNEL, kick, { onReconnect: kick, warn: (msg, err) => deps.log.warn({ err }, msg) });
+  const unlisten = await listen(deps, DELIVERIES_CHANNEL, kick, kick);
   // Open the worker's connections now, not on the first claim or late outcome.
   try {
     await Promise.all([claimer.open(), recorder.open(), late.open()]);

@@ -16,12 +16,12 @@
  * new action is claimed, or picked up by the lane holding its link, at once), and by a 1 s
  * poll for retries.
  */
-import { listen } from '../store/listen.ts';
 import { sql } from 'kysely';
 import type { Action } from '../core/actions.ts';
 import type { Deps } from '../context.ts';
 import { coalescingRunner } from '../platform/coalesce.ts';
 import { AppError } from '../platform/errors.ts';
+import { listen } from '../store/listen.ts';
 import { readActions } from '../conversations/store.ts';
 import { signedRequest } from './client.ts';
 import { MAX_PUSH_ACTIONS } from './hooks.ts';
@@ -513,7 +513,7 @@ export async function startFederationWorker(deps: Deps, opts: { pollMs?: number 
   };
   const runner = coalescingRunner(round, (e) => deps.log.error({ err: e }, 'federation round failed'));
   const unlisten = await listen(
-    deps.db,
+    deps,
     FEDERATION_CHANNEL,
     (payload) => {
       // The payload of an append is its conversation's id: a lane that holds the conversation's
@@ -524,7 +524,7 @@ export async function startFederationWorker(deps: Deps, opts: { pollMs?: number 
       if (platforms && [...platforms].every((p) => lanes.get(p)?.holds(conv))) return;
       runner.kick();
     },
-    { onReconnect: runner.kick, warn: (msg, err) => deps.log.warn({ err }, msg) },
+    runner.kick,
   );
   const timer = setInterval(runner.kick, opts.pollMs ?? 1000);
   runner.kick();

@@ -1,4 +1,5 @@
 import pg from 'pg';
+import type { Logger } from '../platform/logger.ts';
 import type { Db } from './db.ts';
 
 /**
@@ -41,7 +42,7 @@ class ListenHub {
 
   constructor(
     private readonly connectionString: string,
-    private readonly warn: (msg: string, err: unknown) => void,
+    private readonly log: Pick<Logger, 'warn'>,
   ) {}
 
   /** Adds `sub` to `channel`, LISTENing on it first if it is new. Resolves once the LISTEN is in place. */
@@ -81,7 +82,7 @@ class ListenHub {
           try {
             sub.onNotification(msg.payload ?? '');
           } catch (e) {
-            this.warn('notification handler failed', e);
+            this.log.warn({ err: e, channel: msg.channel }, 'notification handler failed');
           }
         }
       });
@@ -119,7 +120,7 @@ class ListenHub {
     this.listening = new Set();
     c.end().catch(() => {});
     if (this.channels.size === 0) return;
-    this.warn('LISTEN connection lost; reconnecting', err);
+    this.log.warn({ err }, 'LISTEN connection lost; reconnecting');
     const retry = () => {
       if (this.client || this.channels.size === 0) return;
       this.connect()
@@ -128,7 +129,7 @@ class ListenHub {
         })
         .catch((e) => {
           this.retryMs = Math.min(this.retryMs * 2, RETRY_MAX_MS);
-          this.warn('LISTEN reconnect failed', e);
+          this.log.warn({ err: e, retryMs: this.retryMs }, 'LISTEN reconnect failed');
           setTimeout(retry, this.retryMs).unref();
         });
     };
@@ -144,24 +145,25 @@ function quoteChannel(channel: string): string {
 const hubs = new WeakMap<Db, ListenHub>();
 
 /**
- * Calls `onNotification` with the payload of every NOTIFY on `channel` in `db`'s database,
- * through the process's one LISTEN connection for `db` (made on first use, remade with
- * backoff when lost — then `onReconnect` is called). Resolves once the LISTEN is in place,
- * so a NOTIFY committed after that is heard, with the function that stops listening.
+ * Calls `onNotification` with the payload of every NOTIFY on `channel` in `deps.db`'s
+ * database, through the process's one LISTEN connection for that Db (made on first use,
+ * remade with backoff when lost — then `onReconnect` is called; what happened is logged at
+ * warn on `deps.log`). Resolves once the LISTEN is in place, so a NOTIFY committed after that
+ * is heard, with the function that stops listening.
  * @throws the connection's error when the first connection cannot be made
  */
 export async function listen(
-  db: Db,
+  deps: { db: Db; log: Pick<Logger, 'warn'> },
   channel: string,
   onNotification: (payload: string) => void,
-  opts: { onReconnect?: () => void; warn?: (msg: string, err: unknown) => void } = {},
+  onReconnect?: () => void,
 ): Promise<() => Promise<void>> {
-  let hub = hubs.get(db);
+  let hub = hubs.get(deps.db);
   if (!hub) {
-    const connectionString = (db.pool as unknown as { options: { connectionString: string } }).options.connectionString;
-    hubs.set(db, (hub = new ListenHub(connectionString, opts.warn ?? (() => {}))));
+    const connectionString = (deps.db.pool as unknown as { options: { connectionString: string } }).options.connectionString;
+    hubs.set(deps.db, (hub = new ListenHub(connectionString, deps.log)));
   }
-  const sub: Subscriber = { onNotification, onReconnect: opts.onReconnect };
+  const sub: Subscriber = { onNotification, onReconnect };
   try {
     await hub.subscribe(channel, sub);
   } catch (e) {

@@ -61,10 +61,7 @@ export async function startRealtime(deps: Deps): Promise<Realtime> {
       deps.log.warn({ err: e }, 'malformed realtime notification');
     }
   };
-  const unlisten = await listen(deps.db, EVENTS_CHANNEL, onNotification, {
-    onReconnect: wakeAll,
-    warn: (msg, err) => deps.log.warn({ err }, msg),
-  });
+  const unlisten = await listen(deps, EVENTS_CHANNEL, onNotification, wakeAll);
   let polling = false;
   const safetyPoll = setInterval(() => {
     if (polling || listeners.size === 0) return;

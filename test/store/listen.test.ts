@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { sql } from 'kysely';
 import { type Db, openDb } from '../../src/store/db.ts';
 import { listen } from '../../src/store/listen.ts';
+import { createLogger } from '../../src/platform/logger.ts';
 import { createTestDatabase } from '../support/db.ts';
 
 /** Backends of this database that LISTEN on something (pg_stat_activity: the last query was a LISTEN). */
@@ -38,6 +39,7 @@ function inbox() {
 }
 
 describe('listen', () => {
+  const log = createLogger('test', 'silent');
   let db: Db;
   let drop: () => Promise<void>;
   before(async () => {
@@ -53,8 +55,8 @@ describe('listen', () => {
   it('serves several channels from one backend, each notification to its own channel', async () => {
     const a = inbox();
     const b = inbox();
-    const stopA = await listen(db, 'parley_test_a', a.push);
-    const stopB = await listen(db, 'parley_test_b', b.push);
+    const stopA = await listen({ db, log }, 'parley_test_a', a.push);
+    const stopB = await listen({ db, log }, 'parley_test_b', b.push);
     try {
       assert.equal((await listeningBackends(db)).length, 1);
       await sql`select pg_notify('parley_test_b', 'to b'), pg_notify('parley_test_a', 'to a')`.execute(db.kysely);
@@ -77,7 +79,7 @@ describe('listen', () => {
     const a = inbox();
     let reconnected!: () => void;
     const back = new Promise<void>((r) => (reconnected = r));
-    const stop = await listen(db, 'parley_test_d', a.push, { onReconnect: () => reconnected() });
+    const stop = await listen({ db, log }, 'parley_test_d', a.push, () => reconnected());
     try {
       const [pid] = await listeningBackends(db);
       assert.ok(pid);
