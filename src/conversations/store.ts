@@ -237,11 +237,8 @@ interface MessageRow {
   source: unknown;
 }
 
-// Messages (with their search vectors, the costliest rows of an append) and their files are
-// written after the group transaction's serial phase (group-commit.ts, RowWriter.late).
 const messagesWriter: RowWriter<MessageRow> = {
   kind: 'messages',
-  late: true,
   encode: (rows) =>
     rows.map((m) => [
       m.conv_id, m.id, m.author, m.body, m.format, m.parent, m.files, m.created_ts, m.updated_ts,
@@ -254,7 +251,6 @@ type AttachmentRow = AttachmentsTable;
 
 const attachmentsWriter: RowWriter<AttachmentRow> = {
   kind: 'attachments',
-  late: true,
   encode: (rows) => rows.map((a) => [a.conv_id, a.message_id, a.ordinal, a.sha256, a.name, a.content_type, a.size, a.content_id, a.inline]),
 };
 

@@ -5,12 +5,21 @@
  * and wake-ups on both sides: docs/benchmarks.md, "Where the time goes"), and every commit
  * waits for one WAL flush. So concurrent writers that touch different conversations share
  * one transaction: each runs its own logic (its reads, the core rules) in turn inside it, the
- * rows they write are buffered ({@link writeRows}) and written just before the single
- * COMMIT (`parley_write_rows`, migrations 033 and 034: one set-based statement per kind of
- * row inside it) — in two calls: one ends the serial phase, the other writes the rows that
- * may come after it (messages, stream events: {@link RowWriter.late}). Ten concurrent appends
- * then cost five round trips between them — BEGIN, the shared read that locks their
- * conversations, the two writes, COMMIT — and one flush, instead of ten of each.
+ * rows they write are buffered ({@link writeRows}) and written in the same round trip as the
+ * single COMMIT (`parley_write_rows`, migrations 033 and 034: one set-based statement per
+ * kind of row inside it). Ten concurrent appends then cost two round trips between them —
+ * BEGIN with the shared read that locks their conversations, then the write with COMMIT —
+ * and one flush, instead of ten of each.
+ *
+ * Shared transactions overlap: one runs its units (JavaScript, one at a time) while the
+ * ones before it write and commit. The next starts as soon as the units of the one before
+ * have run — on the next turn of the event loop, so that every request that arrived
+ * meanwhile joins it (issue 2, Done means 7; docs/benchmarks.md, session 9). Their writes do
+ * not wait for one another: the rows of a unit are its conversation's (the log, messages,
+ * participants and their flags, the header), and the one kind of row units of different
+ * conversations share — a user's stream position, advanced by stream events — is locked in
+ * user-id order by one statement, so concurrent writes wait for each other's commit at
+ * worst, never deadlock.
  *
  * Semantics, for the callers of {@link groupTransaction}:
  * - a unit of work runs in a transaction opened with `transaction()` (src/store/db.ts), so
@@ -52,16 +61,6 @@ export interface RowWriter<R> {
    * (stream events: the users' rows they lock are then held only across the commit).
    */
   readonly last?: boolean;
-  /**
-   * In a group transaction, written after its serial phase: once the other writers' rows
-   * are written the next shared transaction starts running its units, and these rows
-   * (then those of `last` writers) are written meanwhile, in a second statement just
-   * before COMMIT. For the costliest rows that nothing later in the transaction reads or
-   * locks (messages: their search vectors are a third of `parley_write_rows`), so their
-   * cost overlaps the next transaction's work instead of lengthening the phase every
-   * append waits through (issue 2, Done means 7; docs/benchmarks.md).
-   */
-  readonly late?: boolean;
   /** Receives what `parley_write_rows` returned for this kind once `rows` are written (stream positions), with those rows as given to `encode`. */
   written?(tx: Tx, result: unknown, rows: R[]): Promise<void>;
 }
@@ -126,7 +125,7 @@ export function defersWrites(tx: Tx): boolean {
  * rows it wrote.
  */
 export function bufferWrites(tx: Tx): void {
-  if (!buffers.has(tx)) deferWrites(tx, () => {});
+  if (!buffers.has(tx)) deferWrites(tx);
 }
 
 /**
@@ -145,21 +144,16 @@ export async function flushWrites(tx: Tx, last = false): Promise<void> {
 
 /**
  * Makes `tx` buffer the rows given to {@link writeRows} until just before its COMMIT, where
- * they are written in two statements: first every writer's but the `late` and `last` ones,
- * then — after `written` is called (the end of the serial phase) — the `late` writers' and
- * the `last` writers' rows.
+ * they are written — the `last` writers' after all others — in the COMMIT's round trip.
  */
-function deferWrites(tx: Tx, written: () => void): void {
+function deferWrites(tx: Tx): void {
   const buffer = new Map<RowWriter<unknown>, unknown[]>();
   buffers.set(tx, buffer);
   beforeCommit(tx, async () => {
     buffers.delete(tx);
     const items = [...buffer];
-    const phase = items.filter(([w]) => !w.last && !w.late);
-    const after = [...items.filter(([w]) => w.late && !w.last), ...items.filter(([w]) => w.last)];
-    if (phase.length > 0) await writeBatch(tx, phase);
-    written();
-    if (after.length > 0) await writeBatch(tx, after, true);
+    const ordered = [...items.filter(([w]) => !w.last), ...items.filter(([w]) => w.last)];
+    if (ordered.length > 0) await writeBatch(tx, ordered, true);
   });
 }
 
@@ -206,15 +200,17 @@ export interface GroupCommitOptions {
   maxUnits?: number;
   /** Shared transactions in progress at once (committing ones included). Default 3. */
   maxTransactions?: number;
-  /** Of those, how many may still be running their units and writes (the others wait for their commit). Default 1. */
+  /** Of those, how many may still be running their units (the others are writing and committing). Default 1. */
   maxWorking?: number;
 }
 
 class GroupCommitter {
   private queue: Unit[] = [];
   private running = 0;
-  /** Shared transactions that have not written their rows yet (the rest are committing). */
+  /** Shared transactions still running their units (the rest are writing and committing). */
   private working = 0;
+  /** A {@link pump} is due on the next turn of the event loop. */
+  private pumpDue = false;
   private readonly inFlight = new Set<string>();
   private readonly maxUnits: number;
   private readonly maxTransactions: number;
@@ -232,6 +228,22 @@ class GroupCommitter {
   submit<T>(key: string, fn: (tx: Tx, prefetched: unknown) => Promise<T>, prefetch?: Unit['prefetch']): Promise<T> {
     return new Promise<T>((resolve, reject) => {
       this.queue.push({ key, fn, prefetch, resolve: resolve as (v: unknown) => void, reject, alone: false });
+      this.pumpSoon();
+    });
+  }
+
+  /**
+   * Pumps once the event loop has run the callbacks of the I/O that is ready now (setImmediate
+   * runs after the poll phase): requests that arrived together — often the clients of the
+   * transaction that just committed, asking again — then share the next transaction instead
+   * of the first one taking a transaction alone (on the project machine: transactions of 1
+   * unit were half of all, with 10 clients; docs/benchmarks.md, session 9).
+   */
+  private pumpSoon(): void {
+    if (this.pumpDue) return;
+    this.pumpDue = true;
+    setImmediate(() => {
+      this.pumpDue = false;
       this.pump();
     });
   }
@@ -239,8 +251,8 @@ class GroupCommitter {
   /**
    * Starts shared transactions while there are runnable units and room: at most
    * `maxWorking` still running their units, `maxTransactions` in all — so the units that
-   * queue while one transaction works go together into the next, which starts as soon as
-   * the first is only waiting for its commit (WAL flush).
+   * queue while one transaction runs its units go together into the next, which starts as
+   * soon as the first is writing and committing.
    */
   private pump(): void {
     while (this.running < this.maxTransactions && this.working < this.maxWorking && this.queue.length > 0) {
@@ -254,13 +266,13 @@ class GroupCommitter {
         if (!working) return;
         working = false;
         this.working--;
-        this.pump();
+        this.pumpSoon();
       };
       void this.run(batch, worked).finally(() => {
         this.running--;
         for (const u of batch) this.inFlight.delete(u.key);
         worked();
-        this.pump();
+        this.pumpSoon();
       });
     }
   }
@@ -282,7 +294,7 @@ class GroupCommitter {
     return batch;
   }
 
-  /** Runs `batch` in one transaction; `worked` is called once its rows are written (COMMIT next). */
+  /** Runs `batch` in one transaction; `worked` is called once its units have run (its write and COMMIT next). */
   private async run(batch: Unit[], worked: () => void): Promise<void> {
     try {
       const reads = new Map<BatchRead<unknown, unknown>, Unit[]>();
@@ -290,7 +302,7 @@ class GroupCommitter {
       const [firstRead, firstUnits] = [...reads][0] ?? [];
       const first = firstRead?.statement?.(firstUnits!.map((u) => u.prefetch!.arg)) ?? null;
       const results = await pipelinedTransaction(this.db, first?.select ?? null, async (tx, firstRows) => {
-        deferWrites(tx, worked);
+        deferWrites(tx);
         const prefetched = new Map<Unit, unknown>();
         for (const [read, units] of reads) {
           const results = first && read === firstRead ? first.results(tx, firstRows) : await read.read(tx, units.map((u) => u.prefetch!.arg));
@@ -304,6 +316,7 @@ class GroupCommitter {
             throw new UnitFailed(u, e);
           }
         }
+        worked();
         return out;
       });
       batch.forEach((u, i) => u.resolve(results[i]));
