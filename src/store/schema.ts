@@ -18,8 +18,13 @@ export interface UsersTable {
   timezone: Generated<string>;
   password_hash: string | null;
   is_admin: Generated<boolean>;
-  stream_seq: Generated<number>;
   created_at: GeneratedTimestamp;
+}
+
+/** A user's stream position (migration 039_user_streams.sql): the last sequence number of their events. */
+export interface UserStreamsTable {
+  user_id: number;
+  seq: Generated<number>;
 }
 
 export interface SessionsTable {
@@ -334,6 +339,7 @@ export interface DeliveryAttemptsTable {
 
 export interface Database {
   users: UsersTable;
+  user_streams: UserStreamsTable;
   sessions: SessionsTable;
   login_failures: LoginFailuresTable;
   conversations: ConversationsTable;

@@ -36,6 +36,6 @@ export async function readEvents(db: Queryable, userId: number, cursor: number, 
 
 /** The user's current stream position (the cursor of "now"). */
 export async function streamHead(db: Queryable, userId: number): Promise<number> {
-  const r = await db.selectFrom('users').select('stream_seq').where('id', '=', userId).executeTakeFirst();
-  return r?.stream_seq ?? 0;
+  const r = await db.selectFrom('user_streams').select('seq').where('user_id', '=', userId).executeTakeFirst();
+  return r?.seq ?? 0;
 }

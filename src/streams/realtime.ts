@@ -67,7 +67,7 @@ export async function startRealtime(deps: Deps): Promise<Realtime> {
     if (polling || listeners.size === 0) return;
     polling = true;
     deps.db.pool
-      .query('select id, stream_seq from users where id = any($1::bigint[])', [[...listeners.keys()]])
+      .query('select user_id as id, seq as stream_seq from user_streams where user_id = any($1::bigint[])', [[...listeners.keys()]])
       .then((r) => {
         for (const row of r.rows as { id: number; stream_seq: number }[]) {
           const before = known.get(row.id);

@@ -47,7 +47,7 @@ interface EventRow {
 
 /**
  * Stream events, written by parley_write_rows in one statement after every other row of
- * the transaction: it locks the users' rows in id order, advances each `stream_seq` by the
+ * the transaction: it locks the users' `user_streams` rows (migration 039) in id order, advances each `seq` by the
  * user's number of events and inserts the events with consecutive numbers, returning the
  * last number given to each user, which listeners are then notified of (after commit).
  * Each row goes as `[user_id, ord, conv_id, kind, action_id, payload]` (migration

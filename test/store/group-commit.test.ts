@@ -158,7 +158,7 @@ describe('stream events in shared transactions (parley_write_rows)', () => {
     }
     assert.equal(mine[8].payload.key, 'after');
     assert.deepEqual(events.filter((e) => e.user_id === u2).map((e) => e.seq), [1, 2, 3, 4]);
-    const seqs = await sql<{ id: number; stream_seq: number }>`select id, stream_seq from users order by id`.execute(db.kysely);
+    const seqs = await sql<{ id: number; stream_seq: number }>`select user_id as id, seq as stream_seq from user_streams order by user_id`.execute(db.kysely);
     assert.deepEqual(new Map(seqs.rows.map((r) => [r.id, r.stream_seq])), new Map([[u1, 9], [u2, 4]]));
   });
 
