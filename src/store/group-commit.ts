@@ -58,7 +58,7 @@ export interface RowWriter<R> {
   write?(tx: Tx, rows: R[]): Promise<void>;
   /**
    * Written after the rows of every other writer of the transaction, just before COMMIT
-   * (stream events: the users' rows they lock are then held only across the commit).
+   * (stream events: the stream positions they lock, `user_streams` rows, are then held only across the commit).
    */
   readonly last?: boolean;
   /** Receives what `parley_write_rows` returned for this kind once `rows` are written (stream positions), with those rows as given to `encode`. */

@@ -67,12 +67,12 @@ export async function startRealtime(deps: Deps): Promise<Realtime> {
     if (polling || listeners.size === 0) return;
     polling = true;
     deps.db.pool
-      .query('select user_id as id, seq as stream_seq from user_streams where user_id = any($1::bigint[])', [[...listeners.keys()]])
+      .query('select user_id, seq from user_streams where user_id = any($1::bigint[])', [[...listeners.keys()]])
       .then((r) => {
-        for (const row of r.rows as { id: number; stream_seq: number }[]) {
-          const before = known.get(row.id);
-          known.set(row.id, row.stream_seq);
-          if (before !== undefined && row.stream_seq > before) for (const l of listeners.get(row.id) ?? []) l({ upTo: row.stream_seq });
+        for (const { user_id: userId, seq } of r.rows as { user_id: number; seq: number }[]) {
+          const before = known.get(userId);
+          known.set(userId, seq);
+          if (before !== undefined && seq > before) for (const l of listeners.get(userId) ?? []) l({ upTo: seq });
         }
       })
       .catch(() => {})

@@ -1,13 +1,14 @@
 /**
  * Group commit (src/store/group-commit.ts): units of different keys share a transaction and
  * buffer their row writes until just before COMMIT; a failing unit gets its own error and
- * costs the others nothing; units of one key run one after the other; the stream events of
+ * costs the others nothing; units of one key run one after the other; a lone unit starts at
+ * once, and while another transaction commits a few units wait for more; the stream events of
  * the units of a shared transaction, written by parley_write_rows, are numbered per user.
  */
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { sql } from 'kysely';
-import { type Db, openDb, transaction } from '../../src/store/db.ts';
+import { beforeCommit, type Db, openDb, transaction } from '../../src/store/db.ts';
 import { migrate } from '../../src/store/migrate.ts';
 import { appendEvents } from '../../src/streams/store.ts';
 import { type BatchRead, type RowWriter, groupTransaction, groupTransactionWith, writeRows } from '../../src/store/group-commit.ts';
@@ -101,6 +102,53 @@ describe('groupTransaction', () => {
     assert.deepEqual(results, keys.map((k) => `${k}:${k.length}`));
     assert.deepEqual(calls.flat().sort(), [...keys].sort(), 'every argument read exactly once');
     assert.ok(calls.length < keys.length, `${keys.length} units, ${calls.length} reads`);
+  });
+
+  it('starts a lone unit at once; while another transaction commits, holds one unit back until three can go together', async () => {
+    // A committer of its own, told to wait as long as the test may need: what starts the held
+    // unit here is the arrival of more units, never the timer.
+    const own = openDb(db.pool.options.connectionString as string, 4);
+    const opts = { minUnits: 3, maxWaitMs: 60_000 };
+    const blocker = await db.pool.connect();
+    const txidOf = async (tx: Parameters<Parameters<typeof groupTransaction>[2]>[0]) =>
+      (await sql<{ t: string }>`select txid_current()::text as t`.execute(tx)).rows[0].t;
+    try {
+      // Nothing else in flight: a lone unit starts (with a 60 s wait this would time out otherwise).
+      assert.equal(await groupTransaction(own, 'w0', async () => 'alone', opts), 'alone');
+
+      // A committing transaction: its COMMIT's round trip waits for an advisory lock the test holds.
+      await blocker.query('select pg_advisory_lock(4242)');
+      let committed = false;
+      let unitRan!: () => void;
+      const ran = new Promise<void>((r) => (unitRan = r));
+      const committing = groupTransaction(
+        own,
+        'w1',
+        async (tx) => {
+          beforeCommit(tx, async () => {
+            await sql`select pg_advisory_xact_lock(4242)`.execute(tx);
+          });
+          unitRan();
+          return 'w1';
+        },
+        opts,
+      ).then((v) => ((committed = true), v));
+      await ran;
+
+      // One unit, then a few turns of the event loop — a pump would have started it alone by
+      // now — then three more: all four share one transaction, while w1 still commits.
+      const held = groupTransaction(own, 'w2', txidOf, opts);
+      for (let i = 0; i < 3; i++) await new Promise((r) => setImmediate(r));
+      const txids = await Promise.all([held, ...['w3', 'w4', 'w5'].map((k) => groupTransaction(own, k, txidOf, opts))]);
+      assert.equal(new Set(txids).size, 1, `the held unit and the three after it: transactions ${txids.join(', ')}`);
+      assert.equal(committed, false, 'they ran while w1 was committing');
+
+      await blocker.query('select pg_advisory_unlock(4242)');
+      assert.equal(await committing, 'w1');
+    } finally {
+      blocker.release();
+      await own.close();
+    }
   });
 });
 
