@@ -3,13 +3,19 @@
  * platforms as processes — alpha.test (A), beta.test (B), gamma.test (C) — each on its own
  * database of the run's PostgreSQL, talking over loopback through static routes.
  *
- * - **Live replication**: 10 writers on A each lead a conversation with one reader on B and
- *   one participant on C. After a warm-up of 500 actions per writer (not measured; every
- *   frame of it seen on B), the writers append `message:add` actions through A's API as fast
- *   as they can (10 concurrent clients, one request in flight each); every reader holds a
- *   websocket open on B. Per action: A's API request sent → the action's frame on B's
- *   websocket (`federation_p50_ms`, `federation_p99_ms`); overall: actions / (first send →
- *   last frame) (`federation_actions_per_s`).
+ * - **Live replication, A → B** (the figures of record, `federation_*`; issue 3, Done means 5:
+ *   "from A's API to visible on B's websocket"): 10 writers on A each lead a conversation with
+ *   one reader on B. After a warm-up of 500 actions per writer (not measured; every frame of
+ *   it seen on B), the writers append `message:add` actions through A's API as fast as they
+ *   can (10 concurrent clients, one request in flight each); every reader holds a websocket
+ *   open on B. Per action: A's API request sent → the action's frame on B's websocket
+ *   (`federation_p50_ms`, `federation_p99_ms`); overall: actions / (first send → last frame)
+ *   (`federation_actions_per_s`). C is idle meanwhile.
+ * - **Live replication, A → B and C** (`federation_fanout_*`): the same with 10 other writers
+ *   whose conversations also have a participant on C, so every action is pushed to two
+ *   platforms and three platforms with their databases share the machine's cores (on a
+ *   deployment each platform has a machine of its own). Until session 9 this was the run of
+ *   record.
  * - **Catch-up**: B is stopped, 10,000 actions are appended on A to one conversation with a
  *   participant on B (100 per request), B is started again: `catchup_10k_s` is B's start
  *   (spawn) → B's copy of the conversation has A's last action, read from B's database.
@@ -21,6 +27,7 @@ import { join } from 'node:path';
 import { bundleIsCurrent } from '../scripts/cli-bundle.mjs';
 import pg from 'pg';
 import WebSocket from 'ws';
+import { AppendClient } from './append.ts';
 import { createUser } from '../src/accounts/users.ts';
 import { loadConfig } from '../src/platform/config.ts';
 import { createLogger } from '../src/platform/logger.ts';
@@ -32,6 +39,8 @@ import {
   type BenchDatabase,
   BENCH_PASSWORD,
   countInstructions,
+  countTreeInstructions,
+  machineBusyMs,
   PARLEY_BIN,
   ROOT,
   expectStatus,
@@ -70,12 +79,31 @@ export interface FederationFigures {
   /** Instructions (user space, `perf stat -e instructions`) of A's and B's processes per replicated action during the live run, millions; NaN without perf. */
   federation_a_minstr_per_action: number;
   federation_b_minstr_per_action: number;
+  /** Instructions of the PostgreSQL server's processes (the databases of all three platforms) per replicated action during the live run, millions; NaN without perf or with DATABASE_URL. */
+  federation_pg_minstr_per_action: number;
+  /** Cores the whole machine kept busy during the live run (all processes: platforms, PostgreSQL, the benchmark), of `cpu_count`. */
+  federation_machine_busy_cores: number;
   /** CPU of A's and B's processes per action during the catch-up (B's start excluded), ms. */
   catchup_a_cpu_ms_per_action: number;
   catchup_b_cpu_ms_per_action: number;
   /** Instructions of A's and B's processes per action during the catch-up, millions; NaN without perf. */
   catchup_a_minstr_per_action: number;
   catchup_b_minstr_per_action: number;
+  /** The A → B and C run's figures (each action pushed to two platforms), as the `federation_*` above. */
+  federation_fanout_actions_per_s: number;
+  federation_fanout_p50_ms: number;
+  federation_fanout_p99_ms: number;
+  federation_fanout_max_ms: number;
+  federation_fanout_after_response_p50_ms: number;
+  federation_fanout_after_response_p99_ms: number;
+  federation_fanout_samples: number;
+  federation_fanout_missing: number;
+  federation_fanout_a_cpu_ms_per_action: number;
+  federation_fanout_b_cpu_ms_per_action: number;
+  federation_fanout_a_minstr_per_action: number;
+  federation_fanout_b_minstr_per_action: number;
+  federation_fanout_pg_minstr_per_action: number;
+  federation_fanout_machine_busy_cores: number;
   /** 1 when the platforms ran the CLI bundle (dist/parley.mjs, built as `npm install` does), 0 when the sources through tsx. */
   federation_platforms_bundled: number;
   /** B started (spawn) → B holds all 10,000 actions appended while it was down, s. */
@@ -213,6 +241,175 @@ function openSocket(base: string, token: string, onFrame: (f: any) => void): Pro
   });
 }
 
+/** What a live run needs (see {@link liveRun}). */
+interface LivePhase {
+  A: Member;
+  B: Member;
+  /** Logged-in readers on B, one per writer. */
+  readerClients: JsonClient[];
+  /** Where clients and sockets opened go, to be closed at the end. */
+  clients: { close(): void }[];
+  sockets: WebSocket[];
+  /** pg_stat_statements of A's database (BENCH_FEDERATION_STATEMENTS), or null. */
+  statements: pg.Client | null;
+  warmup: number;
+  perWriter: number;
+  /** B's database. */
+  dbB: pg.Client;
+  /** The PostgreSQL server's processes (all three databases), or null with DATABASE_URL. */
+  pgPids: () => number[] | null;
+}
+
+/** The figures of a live run (keys of bench/results/latest.json, as the A → B run gives them). */
+type LiveFigures = Pick<
+  FederationFigures,
+  | 'federation_actions_per_s'
+  | 'federation_p50_ms'
+  | 'federation_p99_ms'
+  | 'federation_max_ms'
+  | 'federation_after_response_p50_ms'
+  | 'federation_after_response_p99_ms'
+  | 'federation_samples'
+  | 'federation_missing'
+  | 'federation_a_cpu_ms_per_action'
+  | 'federation_b_cpu_ms_per_action'
+  | 'federation_a_minstr_per_action'
+  | 'federation_b_minstr_per_action'
+  | 'federation_pg_minstr_per_action'
+  | 'federation_machine_busy_cores'
+>;
+
+/** The same figures of the A → B and C run, named `federation_fanout_…`. */
+type FanOutFigures = { [K in keyof LiveFigures as K extends `federation_${infer R}` ? `federation_fanout_${R}` : never]: number };
+
+/**
+ * One live run: each of `writers` (users of A) leads a new conversation with the participants
+ * `others(i)` (its reader on B first), every reader holds a websocket open on B, and the
+ * writers append `message:add` through A's API as fast as they are answered — a warm-up of
+ * `warmup` actions each (every frame seen on B), then `perWriter` each, measured.
+ * @throws Error when an append is refused or B does not hold the conversations within 60 s
+ */
+async function liveRun(ph: LivePhase, label: string, writers: string[], others: (i: number) => string[]): Promise<LiveFigures> {
+  const { A, B } = ph;
+  const writerClients = await Promise.all(writers.map((w) => login(A.base, w)));
+  ph.clients.push(...writerClients);
+  // The appends go through the append benchmark's lean client: what A receives is the same,
+  // and the cores the platforms share lose less to the benchmark itself (0.33 against 0.53 M
+  // instructions per request: bench/append.ts).
+  const appenders = writerClients.map((w) => new AppendClient(A.base, w.token!));
+  ph.clients.push(...appenders);
+  const keys: string[] = [];
+  const created: number[] = [];
+  for (let i = 0; i < writers.length; i++) {
+    const r = await writerClients[i].request('POST', '/api/conversations', {
+      subject: `Federation benchmark ${label} ${i}`,
+      participants: others(i),
+      messages: [{ body: 'First message of the federation benchmark.' }],
+    });
+    expectStatus(r, 201, 'create conversation on A');
+    keys.push(r.body.key);
+    created.push(r.body.actions.at(-1).id);
+  }
+  progress(`federation ${label}: waiting for B to hold the ${writers.length} conversations`);
+  await until(async () => {
+    const r = await ph.dbB.query('select key, last_id from conversations where key = any($1)', [keys]);
+    const have = new Map(r.rows.map((x) => [x.key as string, Number(x.last_id)]));
+    return keys.every((k, i) => (have.get(k) ?? -1) >= created[i]);
+  }, 'the conversations on B');
+
+  const sentAt = new Map<string, number>();
+  const answeredAt = new Map<string, number>();
+  const frameAt = new Map<string, number>();
+  const latencies: number[] = [];
+  let lastFrame = 0;
+  let warmFrames = 0;
+  const onFrame = (f: any) => {
+    if (f.type !== 'event' || typeof f.action?.body !== 'string') return;
+    if (f.action.body.startsWith('warm:')) return void warmFrames++;
+    const tag = /^fed:(\S+)/.exec(f.action.body)?.[1];
+    const t = tag === undefined ? undefined : sentAt.get(tag);
+    if (t === undefined) return;
+    lastFrame = performance.now();
+    latencies.push(lastFrame - t);
+    frameAt.set(tag!, lastFrame);
+    sentAt.delete(tag!);
+  };
+  const sockets = await Promise.all(ph.readerClients.slice(0, writers.length).map((c) => openSocket(B.base, c.token!, onFrame)));
+  ph.sockets.push(...sockets);
+  // Warm-up, as the append benchmark's: the platforms are long-running servers, and the
+  // first thousand actions mostly measure V8 compiling their code paths.
+  if (ph.warmup > 0) {
+    progress(`federation ${label}: warm-up, ${writers.length} writers × ${ph.warmup} actions (not measured)`);
+    await Promise.all(
+      appenders.map(async (w, c) => {
+        for (let n = 0; n < ph.warmup; n++) {
+          const r = await w.request('POST', `/api/conversations/${keys[c]}/actions`, { actions: [{ act: 'message:add', body: messageBody(`warm:${c}:${n}`) }] });
+          expectStatus(r, 200, 'append on A (warm-up)');
+        }
+      }),
+    );
+    await until(async () => warmFrames >= writers.length * ph.warmup, "the warm-up's frames on B");
+  }
+  progress(`federation ${label}: ${writers.length} writers on A × ${ph.perWriter} actions, as fast as answered; readers on B's websockets`);
+  // BENCH_FEDERATION_STATEMENTS=1 (with PARLEY_PG_SETTINGS="shared_preload_libraries=pg_stat_statements"):
+  // prints the statements the databases ran during the measured run, most frequent first.
+  if (ph.statements) await ph.statements.query('select pg_stat_statements_reset()');
+  const cpuA0 = processCpuMs(A.proc!.pid);
+  const cpuB0 = processCpuMs(B.proc!.pid);
+  const perfA = countInstructions([A.proc!.pid]);
+  const perfB = countInstructions([B.proc!.pid]);
+  const perfPg = await countTreeInstructions(() => ph.pgPids() ?? []);
+  const busy0 = machineBusyMs();
+  const t0 = performance.now();
+  await Promise.all(
+    appenders.map(async (w, c) => {
+      for (let n = 0; n < ph.perWriter; n++) {
+        const tag = `${c}:${n}`;
+        sentAt.set(tag, performance.now());
+        const r = await w.request('POST', `/api/conversations/${keys[c]}/actions`, { actions: [{ act: 'message:add', body: messageBody(`fed:${tag}`) }] });
+        answeredAt.set(tag, performance.now());
+        expectStatus(r, 200, 'append on A');
+      }
+    }),
+  );
+  const sendDone = performance.now();
+  const deadline = performance.now() + 60_000;
+  while (sentAt.size > 0 && performance.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+  const total = writers.length * ph.perWriter;
+  const replicated = total - sentAt.size;
+  const busyCores = (machineBusyMs() - busy0) / (performance.now() - t0);
+  const cpuA = processCpuMs(A.proc!.pid) - cpuA0;
+  const cpuB = processCpuMs(B.proc!.pid) - cpuB0;
+  const [instrA, instrB, instrPg] = await Promise.all([perfA.stop(), perfB.stop(), perfPg.stop()]);
+  if (ph.statements) await printStatements(ph.statements, `live ${label}`);
+  latencies.sort((a, b) => a - b);
+  const afterResponse = [...frameAt.entries()].map(([tag, at]) => at - answeredAt.get(tag)!).sort((a, b) => a - b);
+  const live: LiveFigures = {
+    federation_actions_per_s: round(replicated / (((sentAt.size ? performance.now() : lastFrame) - t0) / 1000), 1),
+    federation_p50_ms: round(percentile(latencies, 50)),
+    federation_p99_ms: round(percentile(latencies, 99)),
+    federation_max_ms: round(latencies.at(-1) ?? NaN),
+    federation_after_response_p50_ms: round(percentile(afterResponse, 50)),
+    federation_after_response_p99_ms: round(percentile(afterResponse, 99)),
+    federation_samples: latencies.length,
+    federation_missing: sentAt.size,
+    federation_a_cpu_ms_per_action: round(cpuA / Math.max(1, replicated), 3),
+    federation_b_cpu_ms_per_action: round(cpuB / Math.max(1, replicated), 3),
+    federation_a_minstr_per_action: round(instrA / 1e6 / Math.max(1, replicated), 3),
+    federation_b_minstr_per_action: round(instrB / 1e6 / Math.max(1, replicated), 3),
+    federation_pg_minstr_per_action: ph.pgPids() ? round(instrPg / 1e6 / Math.max(1, replicated), 3) : NaN,
+    federation_machine_busy_cores: round(busyCores, 2),
+  };
+  progress(
+    `federation ${label}: ${replicated}/${total} actions on B in ${round((lastFrame - t0) / 1000, 2)} s (appends took ${round((sendDone - t0) / 1000, 2)} s): ` +
+      `${live.federation_actions_per_s}/s, p50 ${live.federation_p50_ms} ms, p99 ${live.federation_p99_ms} ms (after A's answer: p50 ${live.federation_after_response_p50_ms}, p99 ${live.federation_after_response_p99_ms} ms); CPU/action A ${live.federation_a_cpu_ms_per_action} ms, B ${live.federation_b_cpu_ms_per_action} ms; ` +
+      `instructions/action A ${live.federation_a_minstr_per_action} M, B ${live.federation_b_minstr_per_action} M, PostgreSQL ${live.federation_pg_minstr_per_action} M; machine busy ${live.federation_machine_busy_cores} cores`,
+  );
+  for (const s of sockets) s.close();
+  for (const a of appenders) a.close();
+  return live;
+}
+
 /**
  * Runs the federation benchmark on fresh databases of `database`.
  * @param opts.perWriter actions each of the 10 writers appends in the live run (default 200)
@@ -240,13 +437,14 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
   const bundled: boolean = bundleIsCurrent();
   const routes = members.map((m) => `${m.domain}=${m.base}`).join(',');
   const dbB = new pg.Client({ connectionString: B.databaseUrl });
-  const clients: JsonClient[] = [];
+  const clients: { close(): void }[] = [];
   const sockets: WebSocket[] = [];
   try {
     const writers = Array.from({ length: WRITERS }, (_, i) => `w${i}@${A.domain}`);
+    const fanWriters = Array.from({ length: WRITERS }, (_, i) => `f${i}@${A.domain}`);
     const readers = Array.from({ length: WRITERS }, (_, i) => `r${i}@${B.domain}`);
     const thirds = Array.from({ length: WRITERS }, (_, i) => `g${i}@${C.domain}`);
-    await createMemberUsers(A, [...writers, `catchup@${A.domain}`]);
+    await createMemberUsers(A, [...writers, ...fanWriters, `catchup@${A.domain}`]);
     await createMemberUsers(B, [...readers, `late@${B.domain}`]);
     await createMemberUsers(C, thirds);
     progress(`federation: starting ${DOMAINS.join(', ')} (web,worker, ${bundled ? 'bundle' : 'sources through tsx'}) on ${members.map((m) => m.port).join(', ')}`);
@@ -257,117 +455,21 @@ export async function benchFederation(database: BenchDatabase, opts: { perWriter
       return r.rows.length ? Number(r.rows[0].last_id) : -1;
     };
 
-    // ---- Live replication.
-    const writerClients = await Promise.all(writers.map((w) => login(A.base, w)));
+    // ---- Live replication: A → B (the figure of record), then A → B and C.
     const readerClients = await Promise.all(readers.map((r) => login(B.base, r)));
-    clients.push(...writerClients, ...readerClients);
-    const keys: string[] = [];
-    const created: number[] = [];
-    for (let i = 0; i < WRITERS; i++) {
-      const r = await writerClients[i].request('POST', '/api/conversations', {
-        subject: `Federation benchmark ${i}`,
-        participants: [readers[i], thirds[i]],
-        messages: [{ body: 'First message of the federation benchmark.' }],
-      });
-      expectStatus(r, 201, 'create conversation on A');
-      keys.push(r.body.key);
-      created.push(r.body.actions.at(-1).id);
-    }
-    progress('federation: waiting for B to hold the 10 conversations');
-    await until(async () => {
-      const r = await dbB.query('select key, last_id from conversations where key = any($1)', [keys]);
-      const have = new Map(r.rows.map((x) => [x.key as string, Number(x.last_id)]));
-      return keys.every((k, i) => (have.get(k) ?? -1) >= created[i]);
-    }, 'the conversations on B');
-
-    const sentAt = new Map<string, number>();
-    const answeredAt = new Map<string, number>();
-    const frameAt = new Map<string, number>();
-    const latencies: number[] = [];
-    let lastFrame = 0;
-    let warmFrames = 0;
-    const onFrame = (f: any) => {
-      if (f.type !== 'event' || typeof f.action?.body !== 'string') return;
-      if (f.action.body.startsWith('warm:')) return void warmFrames++;
-      const tag = /^fed:(\S+)/.exec(f.action.body)?.[1];
-      const t = tag === undefined ? undefined : sentAt.get(tag);
-      if (t === undefined) return;
-      lastFrame = performance.now();
-      latencies.push(lastFrame - t);
-      frameAt.set(tag!, lastFrame);
-      sentAt.delete(tag!);
-    };
-    sockets.push(...(await Promise.all(readerClients.map((c) => openSocket(B.base, c.token!, onFrame)))));
-    // BENCH_FEDERATION_STATEMENTS=1 (with PARLEY_PG_SETTINGS="shared_preload_libraries=pg_stat_statements"):
-    // prints the statements A's and B's databases ran during the live run, most frequent first.
+    clients.push(...readerClients);
     const statements = process.env.BENCH_FEDERATION_STATEMENTS === '1' ? new pg.Client({ connectionString: A.databaseUrl }) : null;
     if (statements) {
       await statements.connect();
       await statements.query('create extension if not exists pg_stat_statements');
-      await statements.query('select pg_stat_statements_reset()');
     }
-    // Warm-up, as the append benchmark's 1,000 requests: the three platforms are long-running
-    // servers, and the first thousand actions mostly measure V8 compiling their code paths.
-    if (warmup > 0) {
-      progress(`federation: warm-up, ${WRITERS} writers × ${warmup} actions (not measured)`);
-      await Promise.all(
-        writerClients.map(async (w, c) => {
-          for (let n = 0; n < warmup; n++) {
-            const r = await w.request('POST', `/api/conversations/${keys[c]}/actions`, { actions: [{ act: 'message:add', body: messageBody(`warm:${c}:${n}`) }] });
-            expectStatus(r, 200, 'append on A (warm-up)');
-          }
-        }),
-      );
-      await until(async () => warmFrames >= WRITERS * warmup, "the warm-up's frames on B");
-    }
-    progress(`federation: ${WRITERS} writers on A × ${perWriter} actions, as fast as answered; readers on B's websockets`);
-    const cpuA0 = processCpuMs(A.proc!.pid);
-    const cpuB0 = processCpuMs(B.proc!.pid);
-    const perfA = countInstructions([A.proc!.pid]);
-    const perfB = countInstructions([B.proc!.pid]);
-    const t0 = performance.now();
-    await Promise.all(
-      writerClients.map(async (w, c) => {
-        for (let n = 0; n < perWriter; n++) {
-          const tag = `${c}:${n}`;
-          sentAt.set(tag, performance.now());
-          const r = await w.request('POST', `/api/conversations/${keys[c]}/actions`, { actions: [{ act: 'message:add', body: messageBody(`fed:${tag}`) }] });
-          answeredAt.set(tag, performance.now());
-          expectStatus(r, 200, 'append on A');
-        }
-      }),
-    );
-    const sendDone = performance.now();
-    const deadline = performance.now() + 60_000;
-    while (sentAt.size > 0 && performance.now() < deadline) await new Promise((r) => setTimeout(r, 10));
-    const total = WRITERS * perWriter;
-    const replicated = total - sentAt.size;
-    const cpuA = processCpuMs(A.proc!.pid) - cpuA0;
-    const cpuB = processCpuMs(B.proc!.pid) - cpuB0;
-    const [instrA, instrB] = await Promise.all([perfA.stop(), perfB.stop()]);
-    if (statements) await printStatements(statements, 'live');
-    latencies.sort((a, b) => a - b);
-    const afterResponse = [...frameAt.entries()].map(([tag, at]) => at - answeredAt.get(tag)!).sort((a, b) => a - b);
+    const phase: LivePhase = { A, B, readerClients, clients, sockets, statements, warmup, perWriter, dbB, pgPids: () => database.pids() };
+    const pair = await liveRun(phase, 'A → B', writers, (i) => [readers[i]]);
+    const fanOut = await liveRun(phase, 'A → B and C', fanWriters, (i) => [readers[i], thirds[i]]);
     const live = {
-      federation_actions_per_s: round(replicated / (((sentAt.size ? performance.now() : lastFrame) - t0) / 1000), 1),
-      federation_p50_ms: round(percentile(latencies, 50)),
-      federation_p99_ms: round(percentile(latencies, 99)),
-      federation_max_ms: round(latencies.at(-1) ?? NaN),
-      federation_after_response_p50_ms: round(percentile(afterResponse, 50)),
-      federation_after_response_p99_ms: round(percentile(afterResponse, 99)),
-      federation_samples: latencies.length,
-      federation_missing: sentAt.size,
-      federation_a_cpu_ms_per_action: round(cpuA / Math.max(1, replicated), 3),
-      federation_b_cpu_ms_per_action: round(cpuB / Math.max(1, replicated), 3),
-      federation_a_minstr_per_action: round(instrA / 1e6 / Math.max(1, replicated), 3),
-      federation_b_minstr_per_action: round(instrB / 1e6 / Math.max(1, replicated), 3),
-    };
-    progress(
-      `federation: ${replicated}/${total} actions on B in ${round((lastFrame - t0) / 1000, 2)} s (appends took ${round((sendDone - t0) / 1000, 2)} s): ` +
-        `${live.federation_actions_per_s}/s, p50 ${live.federation_p50_ms} ms, p99 ${live.federation_p99_ms} ms (after A's answer: p50 ${live.federation_after_response_p50_ms}, p99 ${live.federation_after_response_p99_ms} ms); CPU/action A ${live.federation_a_cpu_ms_per_action} ms, B ${live.federation_b_cpu_ms_per_action} ms; ` +
-        `instructions/action A ${live.federation_a_minstr_per_action} M, B ${live.federation_b_minstr_per_action} M`,
-    );
-    for (const s of sockets.splice(0)) s.close();
+      ...pair,
+      ...Object.fromEntries(Object.entries(fanOut).map(([k, v]) => [k.replace(/^federation_/, 'federation_fanout_'), v])),
+    } as LiveFigures & FanOutFigures;
 
     // ---- Catch-up of a replica 10,000 actions behind.
     const writer = await login(A.base, `catchup@${A.domain}`);

@@ -422,6 +422,16 @@ export function processCpuMs(pid: number): number {
   return (Number(fields[11]) + Number(fields[12])) * 10;
 }
 
+/**
+ * CPU time the whole machine has spent busy so far (all cores: user, nice, system, irq,
+ * softirq from /proc/stat's first line; steal, time the hypervisor gave to others, apart), in ms. The difference of two readings over
+ * an interval, divided by the interval, is the number of cores busy in it.
+ */
+export function machineBusyMs(): number {
+  const [, user, nice, system, , , irq, softirq] = readFileSync('/proc/stat', 'utf8').split('\n', 1)[0].trim().split(/\s+/).map(Number);
+  return (user + nice + system + irq + softirq) * 10;
+}
+
 /** CPU time (ms) of this process's children that have exited and been waited for (cutime + cstime). */
 export function exitedChildrenCpuMs(): number {
   const f = statFields(process.pid);
