@@ -1,12 +1,13 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, createReadStream, existsSync, fsync, mkdirSync, openSync, type ReadStream, renameSync, unlinkSync, write, writeSync } from 'node:fs';
-import { open, rm, stat } from 'node:fs/promises';
+import { closeSync, createReadStream, existsSync, fsync, mkdirSync, open as openFile, openSync, type ReadStream, unlinkSync, write, writeSync } from 'node:fs';
+import { mkdir, open, rename, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { promisify } from 'node:util';
 import { tooLarge } from './errors.ts';
 
 const fsyncFd = promisify(fsync);
+const openFd = promisify(openFile);
 const writeFd = promisify(write);
 
 /** Larger blobs are written through the thread pool, so a big message or attachment never holds up the event loop while it is copied. */
@@ -62,11 +63,15 @@ export class BlobStore {
   async put(data: Uint8Array): Promise<{ sha256: string; size: number }> {
     const sha256 = createHash('sha256').update(data).digest('hex');
     if (!this.has(sha256)) {
-      // Synchronous open/write/close: for a file in the page cache they cost less than a
-      // trip through libuv's thread pool each; only the fsyncs (which wait for the disk)
-      // and the writes of blobs over SYNC_WRITE_MAX go there.
+      // What changes the filesystem's metadata — creating the file here, renaming it into
+      // place — goes through libuv's thread pool, as the fsyncs do: on a journalling
+      // filesystem such a call waits for the journal's commit in progress, which every
+      // fsync forces. Synchronous, it stopped this process's event loop for ≈ 1 ms per file
+      // at times on the project machine (ext4: a fifth of `parley import`'s wall time;
+      // docs/benchmarks.md, session 10). The write of a small blob into the page cache
+      // stays synchronous: it costs less than a trip through the pool.
       const tmp = this.tmpPath();
-      const fd = openSync(tmp, 'wx');
+      const fd = await openFd(tmp, 'wx');
       try {
         if (data.byteLength <= SYNC_WRITE_MAX) for (let at = 0; at < data.byteLength; ) at += writeSync(fd, data, at, data.byteLength - at);
         else for (let at = 0; at < data.byteLength; ) at += (await writeFd(fd, data, at, data.byteLength - at)).bytesWritten;
@@ -147,7 +152,7 @@ export class BlobStore {
       // the same prefix wait for the same promise.
       ready = (async () => {
         try {
-          mkdirSync(join(this.dir, prefix));
+          await mkdir(join(this.dir, prefix));
         } catch (e) {
           if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw e;
         }
@@ -157,7 +162,7 @@ export class BlobStore {
       ready.catch(() => this.fanOut.delete(prefix));
     }
     await ready;
-    renameSync(tmp, dest);
+    await rename(tmp, dest);
     await syncDirectory(join(this.dir, prefix));
   }
 }
