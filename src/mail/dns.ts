@@ -31,9 +31,20 @@ const MAX_CACHE_ENTRIES = 1000;
 /** Answers that are facts about the domain, cached like records (RFC 2308 negative caching). */
 const DEFINITIVE_ERRORS = new Set<string>([dns.NOTFOUND, dns.NODATA]);
 
-/** An Error shaped like the ones `node:dns` rejects with. */
+/**
+ * An Error shaped like the ones `node:dns` rejects with. It is an answer (no such record, no
+ * answer in time), not a fault of this code, so it carries no stack trace: capturing one was
+ * ≈ 90 µs per received message on the project machine with the offline resolver (several
+ * lookups each; docs/benchmarks.md, session 10).
+ */
 function dnsError(code: string, syscall: string, name: string): NodeJS.ErrnoException {
-  return Object.assign(new Error(`${syscall} ${code} ${name}`), { code, syscall, hostname: name });
+  const limit = Error.stackTraceLimit;
+  Error.stackTraceLimit = 0;
+  try {
+    return Object.assign(new Error(`${syscall} ${code} ${name}`), { code, syscall, hostname: name });
+  } finally {
+    Error.stackTraceLimit = limit;
+  }
 }
 
 /**
