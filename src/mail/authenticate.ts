@@ -55,7 +55,7 @@ const withReason = (sentence: string, reason: string | undefined): string => (re
  */
 export async function authenticateEmail(raw: Buffer, session: SmtpSession, resolver: MailResolver): Promise<EmailAuthentication> {
   try {
-    const result = await authenticate(raw, {
+    const result = await authenticate(dkimInput(raw), {
       ip: session.ip,
       helo: session.helo,
       ...(session.mailFrom ? { sender: session.mailFrom } : {}),
@@ -94,6 +94,24 @@ export async function authenticateEmail(raw: Buffer, session: SmtpSession, resol
       warnings: [`Sender authentication failed with an internal error: ${(err as Error).message}`],
     };
   }
+}
+
+/**
+ * What mailauth needs to see of `raw`: all of it when its header section has a
+ * DKIM-Signature field; else the header section alone (with its blank line). The body
+ * matters only to the body hashes of DKIM signatures (RFC 6376 §3.7); SPF looks at the
+ * session and DMARC at the From field, so for an unsigned message the results are the
+ * same — and mailauth's pass over the body, a twentieth of the SMTP role's CPU per message
+ * on the project machine's (unsigned) benchmark mail, is skipped.
+ */
+export function dkimInput(raw: Buffer): Buffer {
+  let end = raw.indexOf('\r\n\r\n');
+  let sep = 4;
+  const lf = raw.indexOf('\n\n');
+  if (lf >= 0 && (end < 0 || lf < end)) [end, sep] = [lf, 2];
+  if (end < 0) return raw;
+  const header = raw.subarray(0, end + sep);
+  return /(^|\n)dkim-signature[ \t]*:/i.test(header.toString('latin1')) ? raw : header;
 }
 
 function describeDkimFailure(signature: DKIMResult): string {

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { describe, test } from 'node:test';
-import { authenticateEmail, type SmtpSession } from '../../src/mail/authenticate.ts';
+import { authenticateEmail, dkimInput, type SmtpSession } from '../../src/mail/authenticate.ts';
 import { offlineResolver, type MailResolver } from '../../src/mail/dns.ts';
 
 const fixture = (name: string): Buffer => readFileSync(new URL(`../fixtures/mail/${name}`, import.meta.url));
@@ -113,5 +113,31 @@ describe('authenticateEmail', () => {
     assert.equal(result.dkim, 'temperror');
     assert.equal(result.dmarc, 'temperror');
     assert.match(result.warnings[0], /^Sender authentication failed with an internal error: /);
+  });
+
+  test('an unsigned message is judged on its header section: the same results whatever its body', async () => {
+    const { resolver } = footballZone();
+    const head = 'From: Joe <joe@football.example.com>\r\nTo: suzie@shopping.example.net\r\nSubject: Is dinner ready?\r\n\r\n';
+    const a = Buffer.from(head + 'Hi.\r\n\r\nWe lost the game.\r\n');
+    const b = Buffer.from(head + 'x'.repeat(200_000) + '\r\n');
+    for (const ip of ['192.0.2.1', '198.51.100.7']) {
+      const [ra, rb] = [await authenticateEmail(a, session(ip), resolver), await authenticateEmail(b, session(ip), resolver)];
+      assert.deepEqual(ra, rb);
+      assert.equal(ra.dkim, 'none');
+    }
+    // From an unauthorised host: SPF fails and, unsigned, so does DMARC (p=reject).
+    assert.equal((await authenticateEmail(a, session('198.51.100.7'), resolver)).dmarc, 'fail');
+  });
+});
+
+describe('dkimInput', () => {
+  test('a signed message goes whole; an unsigned one as its header section with the blank line', () => {
+    assert.equal(dkimInput(signed), signed);
+    const unsigned = Buffer.from('From: a@example.org\r\nX-DKIM-Signature: not one\r\nSubject: s\r\n\r\nbody\r\n\r\nmore\r\n');
+    assert.equal(dkimInput(unsigned).toString(), 'From: a@example.org\r\nX-DKIM-Signature: not one\r\nSubject: s\r\n\r\n');
+    const bare = Buffer.from('From: a@example.org\nDKIM-Signature: v=1; a=rsa-sha256; d=example.org\n\nbody\n');
+    assert.equal(dkimInput(bare), bare, 'any case, LF line ends');
+    const headOnly = Buffer.from('From: a@example.org\r\nSubject: s\r\n');
+    assert.equal(dkimInput(headOnly), headOnly, 'no body at all');
   });
 });
