@@ -267,7 +267,8 @@ function ownConnection(deps: Deps, connectionString: string, purpose: string, op
       const c = new pg.Client({ connectionString, options });
       const p = c.connect().then(() => c);
       c.on('error', (err) => {
-        deps.log.warn({ err, purpose }, 'delivery worker connection lost; reconnecting');
+        // While the process stops (Db.stopping) the connection's end is expected.
+        if (!deps.db.stopping) deps.log.warn({ err, purpose }, 'delivery worker connection lost; reconnecting');
         drop(p);
       });
       client = p;

@@ -10,6 +10,14 @@ pg.types.setTypeParser(20, (v) => Number(v));
 export interface Db {
   kysely: Kysely<Database>;
   pool: pg.Pool;
+  /**
+   * Set when the process begins to stop (`parley start` on SIGINT/SIGTERM, before anything
+   * else) and by {@link Db.close}: connections lost from then on are expected — a Ctrl-C in
+   * a terminal reaches the embedded PostgreSQL too, which closes every connection at once —
+   * so the long-lived connections (LISTEN, the delivery worker's own) neither warn nor
+   * reconnect.
+   */
+  stopping: boolean;
   close(): Promise<void>;
 }
 
@@ -29,15 +37,18 @@ export function openDb(url: string, max = 10): Db {
       pool: { connect: async () => preparingClient(await pool.connect()), end: () => pool.end() } as unknown as pg.Pool,
     }),
   });
-  return {
+  const db: Db = {
     kysely,
     pool,
+    stopping: false,
     close: async () => {
+      db.stopping = true;
       await kysely.destroy();
       // Kysely ends the pool only if it ever used it; a CLI that only migrated would wait for the idle timeout.
       if (!pool.ended) await pool.end();
     },
   };
+  return db;
 }
 
 /** Statements a connection keeps prepared at most; past that, queries go unnamed (planned each time). */

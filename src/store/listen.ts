@@ -43,6 +43,8 @@ class ListenHub {
   constructor(
     private readonly connectionString: string,
     private readonly log: Pick<Logger, 'warn'>,
+    /** The process is stopping (Db.stopping): a lost connection is expected, not made again. */
+    private readonly stopping: () => boolean,
   ) {}
 
   /** Adds `sub` to `channel`, LISTENing on it first if it is new. Resolves once the LISTEN is in place. */
@@ -119,7 +121,7 @@ class ListenHub {
     this.client = null;
     this.listening = new Set();
     c.end().catch(() => {});
-    if (this.channels.size === 0) return;
+    if (this.channels.size === 0 || this.stopping()) return;
     this.log.warn({ err }, 'LISTEN connection lost; reconnecting');
     const retry = () => {
       if (this.client || this.channels.size === 0) return;
@@ -161,7 +163,8 @@ export async function listen(
   let hub = hubs.get(deps.db);
   if (!hub) {
     const connectionString = (deps.db.pool as unknown as { options: { connectionString: string } }).options.connectionString;
-    hubs.set(deps.db, (hub = new ListenHub(connectionString, deps.log)));
+    const db = deps.db;
+    hubs.set(db, (hub = new ListenHub(connectionString, deps.log, () => db.stopping)));
   }
   const sub: Subscriber = { onNotification, onReconnect };
   try {

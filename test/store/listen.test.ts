@@ -93,4 +93,37 @@ describe('listen', () => {
       await stop();
     }
   });
+
+  it('while the process stops (Db.stopping) a lost connection is neither warned about nor made again', async () => {
+    // A second pool of the same database, stopping, beside the first (a positive control):
+    // both LISTEN connections are terminated together; once the first hub has made its
+    // connection again (after its first retry delay), the stopping one would have too.
+    const t = await createTestDatabase();
+    const live = openDb(t.url, 2);
+    const stopping = openDb(t.url, 2);
+    const warnings: string[] = [];
+    const spy = { warn: (_o: unknown, msg?: string) => void warnings.push(String(msg)) };
+    let reconnected!: () => void;
+    const back = new Promise<void>((r) => (reconnected = r));
+    let stoppingReconnects = 0;
+    const stopLive = await listen({ db: live, log }, 'parley_test_live', () => {}, () => reconnected());
+    const stopStopping = await listen({ db: stopping, log: spy }, 'parley_test_stopping', () => {}, () => stoppingReconnects++);
+    try {
+      const pids = await listeningBackends(live);
+      assert.equal(pids.length, 2, 'one listening backend per pool');
+      stopping.stopping = true;
+      await sql`select pg_terminate_backend(pid) from pg_stat_activity where pid = any(${pids}::integer[])`.execute(live.kysely);
+      await back;
+      const now = await listeningBackends(live);
+      assert.equal(now.length, 1, `only the live pool listens again (${now.join(', ')})`);
+      assert.equal(stoppingReconnects, 0);
+      assert.deepEqual(warnings, []);
+    } finally {
+      await stopLive();
+      await stopStopping();
+      await live.close();
+      await stopping.close();
+      await t.drop();
+    }
+  });
 });

@@ -25,6 +25,8 @@ export function registerStart(program: Command): void {
       const stop = async (signal: string) => {
         if (stopping) return;
         stopping = true;
+        // First: a Ctrl-C reaches the embedded PostgreSQL as well, whose connections end now.
+        platform.deps.db.stopping = true;
         log.info({ signal }, 'stopping');
         await platform.stop();
         process.exit(0);
