@@ -32,6 +32,8 @@ const results: Record<string, number> = { run_unix_ms: Date.now(), cpu_count: cp
 const failures: string[] = [];
 
 async function step(name: string, fn: () => Promise<Record<string, number>>): Promise<void> {
+  // Each benchmark on a quiet server: the databases of the ones before dropped, their pages written.
+  await database.settle();
   try {
     Object.assign(results, await fn());
   } catch (e) {
