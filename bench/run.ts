@@ -16,7 +16,7 @@ import { benchImport } from './import.ts';
 import { benchSmtpReceive } from './smtp-receive.ts';
 import { benchAppend } from './append.ts';
 import { benchWebsocket } from './websocket.ts';
-import { ROOT, cleanupAll, processMemoryMb, progress, round, setupPairs, startDatabase, startPlatformProcess, tempDataDir } from './support.ts';
+import { type BenchDatabase, ROOT, cleanupAll, processMemoryMb, progress, round, setupPairs, startDatabase, startPlatformProcess, tempDataDir } from './support.ts';
 
 const ALL = ['import', 'smtp', 'append', 'ws', 'delivery', 'federation'];
 const onlyArg = process.argv.indexOf('--only');
@@ -31,14 +31,23 @@ if (unknown.length) {
 const results: Record<string, number> = { run_unix_ms: Date.now(), cpu_count: cpus().length, load_avg_1m_start: round(loadavg()[0], 2) };
 const failures: string[] = [];
 
-async function step(name: string, fn: () => Promise<Record<string, number>>): Promise<void> {
-  // Each benchmark on a quiet server: the databases of the ones before dropped, their pages written.
-  await database.settle();
+/**
+ * Runs one benchmark on a PostgreSQL of its own — a fresh embedded server (or fresh databases
+ * of DATABASE_URL's), stopped afterwards — so its figures do not depend on what ran before:
+ * on one server the append run read 1.72 M PostgreSQL instructions per append after the SMTP
+ * run against 1.52 M alone, even with the SMTP run's database dropped and a CHECKPOINT
+ * between them (docs/benchmarks.md, session 10).
+ */
+async function step(name: string, fn: (database: BenchDatabase) => Promise<Record<string, number>>): Promise<void> {
+  let database: BenchDatabase | null = null;
   try {
-    Object.assign(results, await fn());
+    database = await startDatabase();
+    Object.assign(results, await fn(database));
   } catch (e) {
     failures.push(name);
     progress(`${name}: FAILED — ${(e as Error).stack ?? e}`);
+  } finally {
+    await database?.stop();
   }
 }
 
@@ -50,48 +59,43 @@ for (const signal of ['SIGINT', 'SIGTERM'] as const) {
 }
 
 const t0 = performance.now();
-const database = await startDatabase();
-try {
-  if (selected.includes('import')) await step('import', async () => ({ ...(await benchImport(database)) }));
-  if (selected.includes('smtp')) await step('smtp', async () => ({ ...(await benchSmtpReceive(database)) }));
-  if (selected.includes('append') || selected.includes('ws')) {
-    await step('append+ws', async () => {
-      const out: Record<string, number> = {};
-      const url = await database.createDatabase('live');
-      const data = tempDataDir('live');
-      const roles = (process.env.BENCH_ROLES ?? 'web,worker,smtp').split(',');
-      progress(`append/ws: starting platform (--roles ${roles.join(',')})`);
-      const platform = await startPlatformProcess({ databaseUrl: url, dataDir: data.dir, roles });
-      try {
-        const pairs = await setupPairs(platform, url, data.dir, 10);
-        if (selected.includes('append')) Object.assign(out, await benchAppend(pairs, platform, () => database.cpuMs(), { pgPids: () => database.pids() }));
-        let close = () => {};
-        if (selected.includes('ws')) {
-          const ws = await benchWebsocket(platform.base, pairs);
-          Object.assign(out, ws.figures);
-          close = ws.close;
-        }
-        const mem = processMemoryMb(platform.pid);
-        out.platform_rss_mb = round(mem.rss, 1);
-        out.platform_rss_peak_mb = round(mem.hwm, 1);
-        progress(`platform RSS ${out.platform_rss_mb} MB (peak ${out.platform_rss_peak_mb} MB)`);
-        close();
-        for (const p of pairs) {
-          p.writer.close();
-          p.reader.close();
-        }
-      } finally {
-        await platform.stop();
-        data.rm();
+if (selected.includes('import')) await step('import', async (database) => ({ ...(await benchImport(database)) }));
+if (selected.includes('smtp')) await step('smtp', async (database) => ({ ...(await benchSmtpReceive(database)) }));
+if (selected.includes('append') || selected.includes('ws')) {
+  await step('append+ws', async (database) => {
+    const out: Record<string, number> = {};
+    const url = await database.createDatabase('live');
+    const data = tempDataDir('live');
+    const roles = (process.env.BENCH_ROLES ?? 'web,worker,smtp').split(',');
+    progress(`append/ws: starting platform (--roles ${roles.join(',')})`);
+    const platform = await startPlatformProcess({ databaseUrl: url, dataDir: data.dir, roles });
+    try {
+      const pairs = await setupPairs(platform, url, data.dir, 10);
+      if (selected.includes('append')) Object.assign(out, await benchAppend(pairs, platform, () => database.cpuMs(), { pgPids: () => database.pids() }));
+      let close = () => {};
+      if (selected.includes('ws')) {
+        const ws = await benchWebsocket(platform.base, pairs);
+        Object.assign(out, ws.figures);
+        close = ws.close;
       }
-      return out;
-    });
-  }
-  if (selected.includes('delivery')) await step('delivery', async () => (await import('./delivery.ts')).benchDelivery(database));
-  if (selected.includes('federation')) await step('federation', async () => ({ ...(await (await import('./federation.ts')).benchFederation(database)) }));
-} finally {
-  await database.stop();
+      const mem = processMemoryMb(platform.pid);
+      out.platform_rss_mb = round(mem.rss, 1);
+      out.platform_rss_peak_mb = round(mem.hwm, 1);
+      progress(`platform RSS ${out.platform_rss_mb} MB (peak ${out.platform_rss_peak_mb} MB)`);
+      close();
+      for (const p of pairs) {
+        p.writer.close();
+        p.reader.close();
+      }
+    } finally {
+      await platform.stop();
+      data.rm();
+    }
+    return out;
+  });
 }
+if (selected.includes('delivery')) await step('delivery', async (database) => (await import('./delivery.ts')).benchDelivery(database));
+if (selected.includes('federation')) await step('federation', async (database) => ({ ...(await (await import('./federation.ts')).benchFederation(database)) }));
 results.load_avg_1m_end = round(loadavg()[0], 2);
 results.bench_total_s = round((performance.now() - t0) / 1000, 1);
 

@@ -89,19 +89,12 @@ export interface BenchDatabase {
   cpuMs(): number | null;
   /** The embedded server's processes alive now (postmaster and children); null with DATABASE_URL. */
   pids(): number[] | null;
-  /**
-   * Between benchmarks: drops the databases created so far and checkpoints, so that the next
-   * benchmark's PostgreSQL figures are its own — not autovacuum working through the last
-   * one's tables, nor the checkpointer writing its pages (both counted in the server's CPU
-   * and instructions). Errors (a role without the right to CHECKPOINT) are ignored.
-   */
-  settle(): Promise<void>;
   /** Drops the databases it created and stops the server if it started one. */
   stop(): Promise<void>;
 }
 
 /**
- * The PostgreSQL of a benchmark run: `DATABASE_URL` when given (its role must be allowed to
+ * The PostgreSQL of one benchmark (bench/run.ts starts one per benchmark): `DATABASE_URL` when given (its role must be allowed to
  * CREATE DATABASE; each benchmark gets `bench_<name>_<random>`, dropped at the end), else an
  * embedded PostgreSQL (src/store/embedded.ts, fsync on, as `parley start` runs it) in a
  * temporary directory on a free port, removed at the end.
@@ -122,7 +115,12 @@ export async function startDatabase(): Promise<BenchDatabase> {
       await embedded.stop();
       rmSync(dir, { recursive: true, force: true });
     };
-    onCleanup(() => stopServer());
+    const unregister = onCleanup(() => stopServer());
+    const stop = stopServer;
+    stopServer = async () => {
+      unregister();
+      await stop();
+    };
   } else {
     progress('using the PostgreSQL of DATABASE_URL');
   }
@@ -147,10 +145,6 @@ export async function startDatabase(): Promise<BenchDatabase> {
       const url = new URL(adminUrl);
       url.pathname = `/${name}`;
       return url.toString();
-    },
-    async settle() {
-      for (const name of created.splice(0)) await admin(`drop database if exists ${name} with (force)`).catch(() => {});
-      await admin('checkpoint').catch(() => {});
     },
     async stop() {
       for (const name of created) await admin(`drop database if exists ${name} with (force)`).catch(() => {});
