@@ -364,7 +364,8 @@ async function liveRun(ph: LivePhase, label: string, writers: string[], others: 
   await Promise.all(
     appenders.map(async (w, c) => {
       for (let n = 0; n < ph.perWriter; n++) {
-        const tag = `${c}:${n}`;
+        // The writer's address in the tag: the two runs' frames reach the same readers.
+        const tag = `${writers[c]}:${n}`;
         sentAt.set(tag, performance.now());
         const r = await w.request('POST', `/api/conversations/${keys[c]}/actions`, { actions: [{ act: 'message:add', body: messageBody(`fed:${tag}`) }] });
         answeredAt.set(tag, performance.now());

@@ -18,7 +18,7 @@ import { systemClock } from '../src/platform/clock.ts';
 import { BlobStore } from '../src/platform/blobs.ts';
 import { openDb } from '../src/store/db.ts';
 import { migrate } from '../src/store/migrate.ts';
-import { startEmbeddedPostgres } from '../src/store/embedded.ts';
+import { childPids, startEmbeddedPostgres } from '../src/store/embedded.ts';
 import type { Deps } from '../src/context.ts';
 
 /** Repository root (the benchmarks spawn `node bin/parley.js` from here). */
@@ -111,15 +111,11 @@ export async function startDatabase(): Promise<BenchDatabase> {
     const embedded = await startEmbeddedPostgres(join(dir, 'pg'), port);
     adminUrl = embedded.adminUrl;
     postmasterPid = Number(readFileSync(join(dir, 'pg', 'postmaster.pid'), 'utf8').split('\n')[0]);
-    stopServer = async () => {
-      await embedded.stop();
-      rmSync(dir, { recursive: true, force: true });
-    };
     const unregister = onCleanup(() => stopServer());
-    const stop = stopServer;
     stopServer = async () => {
       unregister();
-      await stop();
+      await embedded.stop();
+      rmSync(dir, { recursive: true, force: true });
     };
   } else {
     progress('using the PostgreSQL of DATABASE_URL');
@@ -460,20 +456,6 @@ export function treeCpuMs(pid: number): number {
     }
   }
   return total;
-}
-
-/** The processes whose parent is `pid`, alive now (from /proc). */
-export function childPids(pid: number): number[] {
-  const out: number[] = [];
-  for (const name of readdirSync('/proc')) {
-    if (!/^\d+$/.test(name)) continue;
-    try {
-      if (Number(statFields(Number(name))[1]) === pid) out.push(Number(name));
-    } catch {
-      /* exited meanwhile */
-    }
-  }
-  return out;
 }
 
 /**

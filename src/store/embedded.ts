@@ -63,15 +63,16 @@ async function scheduleAsBatch(databaseDir: string): Promise<void> {
   try {
     const postmaster = Number(readFileSync(join(databaseDir, 'postmaster.pid'), 'utf8').split('\n')[0]);
     if (!postmaster) return;
-    const pids = [postmaster, ...childrenOf(postmaster)];
-    await Promise.all(pids.map((pid) => promisify(execFile)('chrt', ['--batch', '--pid', '0', String(pid)]).catch(() => {})));
+    const pids = [postmaster, ...childPids(postmaster)];
+    const run = promisify(execFile);
+    await Promise.all(pids.map((pid) => run('chrt', ['--batch', '--pid', '0', String(pid)]).catch(() => {})));
   } catch {
     /* left with the default policy */
   }
 }
 
-/** The processes whose parent is `pid` (from /proc). */
-function childrenOf(pid: number): number[] {
+/** The processes whose parent is `pid` (from /proc; Linux), e.g. the embedded server's backends. */
+export function childPids(pid: number): number[] {
   const out: number[] = [];
   for (const name of readdirSync('/proc')) {
     if (!/^\d+$/.test(name)) continue;
