@@ -99,6 +99,12 @@ if (selected.includes('federation')) await step('federation', async (database) =
 results.load_avg_1m_end = round(loadavg()[0], 2);
 results.bench_total_s = round((performance.now() - t0) / 1000, 1);
 
+// A flat object of numbers: a figure that could not be measured here (NaN — e.g. the
+// instruction counts where `perf` or the CPU's counters are missing) is left out, not
+// written as null (JSON.stringify's rendering of NaN).
+const absent = Object.keys(results).filter((k) => !Number.isFinite(results[k]));
+for (const k of absent) delete results[k];
+if (absent.length) progress(`not measured on this machine, left out: ${absent.join(', ')}`);
 const json = JSON.stringify(results, null, 2);
 mkdirSync(join(ROOT, 'bench', 'results'), { recursive: true });
 writeFileSync(join(ROOT, 'bench', 'results', 'latest.json'), json + '\n');
