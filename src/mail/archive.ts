@@ -5,6 +5,7 @@
 import { closeSync, createReadStream, openSync, readSync } from 'node:fs';
 import { readdir, readFile, stat } from 'node:fs/promises';
 import { extname, join } from 'node:path';
+import { badRequest } from '../platform/errors.ts';
 
 /** What {@link openArchive} found at the path. */
 export type ArchiveKind = 'mbox' | 'maildir' | 'eml-folder' | 'eml-file';
@@ -61,18 +62,19 @@ const isBlankLine = (line: Buffer): boolean => line.length <= 2 && line.toString
  * and followed by a header field; `>From ` lines are unescaped (mboxrd, which also undoes
  * mboxo escaping); Content-Length headers are ignored. They are streamed, never read whole.
  *
- * @throws Error when the path does not exist, or is a file that is neither a message nor an mbox.
+ * @throws AppError 400 `archive_not_found` when the path does not exist (or cannot be read),
+ *   `not_an_archive` when it is a file that is neither a message nor an mbox
  */
 export async function openArchive(path: string): Promise<Archive> {
   const info = await stat(path).catch((err: NodeJS.ErrnoException) => {
-    throw new Error(err.code === 'ENOENT' ? `Archive not found: ${path} does not exist` : `Cannot open archive ${path}: ${err.message}`);
+    throw badRequest('archive_not_found', err.code === 'ENOENT' ? `Archive not found: ${path} does not exist` : `Cannot open archive ${path}: ${err.message}`);
   });
   if (info.isDirectory()) {
     if (await isMaildir(path)) return openMaildir(path);
     return openFolder(path);
   }
   const file = await classifyFile(path, { bytes: KEEP_CONTENT_BYTES });
-  if (file === null) throw new Error(`Not an email archive: ${path} is neither an email message nor an mbox file`);
+  if (file === null) throw badRequest('not_an_archive', `Not an email archive: ${path} is neither an email message nor an mbox file`);
   return { kind: file.kind, count: file.count, messages: () => fileMessages(file) };
 }
 

@@ -199,12 +199,15 @@ export function loadConfig(
   }
   const merged: Record<string, unknown> = { ...DEFAULT_CONFIG, ...fromFile };
   const sourceOf: Record<string, string> = {};
+  /** The environment's text of each setting taken from it, for error messages ("abc" rather than NaN's null). */
+  const rawOf: Record<string, string> = {};
   for (const k of Object.keys(fromFile)) sourceOf[k] = `config file key "${k}"`;
   for (const [name, key] of Object.entries(ENV)) {
     const raw = env[name];
     if (raw !== undefined && raw !== '') {
       merged[key] = coerce(key, raw);
       sourceOf[key] = `environment variable ${name}`;
+      rawOf[key] = raw;
     }
   }
   Object.assign(merged, overrides);
@@ -215,7 +218,8 @@ export function loadConfig(
   if (errors.length > 0) {
     const lines = errors.map((e) => {
       const key = e.path.split('/')[1] ?? e.path;
-      return `- ${sourceOf[key] ?? `setting "${key}"`}: ${e.message} (got ${JSON.stringify(e.value)})`;
+      const got = typeof e.value === 'number' && Number.isNaN(e.value) && rawOf[key] !== undefined ? rawOf[key] : e.value;
+      return `- ${sourceOf[key] ?? `setting "${key}"`}: ${e.message} (got ${JSON.stringify(got)})`;
     });
     throw new ConfigError(`invalid configuration:\n${lines.join('\n')}`);
   }

@@ -175,8 +175,9 @@ describe('parley import', () => {
       return true;
     });
     await assert.rejects(parley(tp, ['import', join(FIXTURES, 'nope'), '--owner', 'owner@alpha.test']), (e: any) => {
-      assert.notEqual(e.code, 0);
-      assert.match(e.stderr, /does not exist/);
+      assert.equal(e.code, 2);
+      assert.match(e.stderr, /^parley: Archive not found: .*nope does not exist$/m);
+      assert.doesNotMatch(e.stderr, /^\s+at /m, 'a message, not a stack trace');
       return true;
     });
   });

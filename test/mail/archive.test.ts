@@ -132,9 +132,10 @@ describe('openArchive: single files', () => {
   });
 
   test('clear errors for a missing path and for a file that is not mail', async () => {
-    await assert.rejects(openArchive(join(root, 'nowhere.mbox')), /^Error: Archive not found: .*nowhere\.mbox does not exist$/);
+    // AppErrors: the CLI prints their message alone (no stack) and exits 2.
+    await assert.rejects(openArchive(join(root, 'nowhere.mbox')), { name: 'AppError', code: 'archive_not_found', message: /^Archive not found: .*nowhere\.mbox does not exist$/ });
     const dir = tree('notmail', { 'notes.txt': 'Shopping list:\n- milk\n' });
-    await assert.rejects(openArchive(join(dir, 'notes.txt')), /Not an email archive: .*notes\.txt is neither an email message nor an mbox file/);
+    await assert.rejects(openArchive(join(dir, 'notes.txt')), { name: 'AppError', code: 'not_an_archive', message: /Not an email archive: .*notes\.txt is neither an email message nor an mbox file/ });
   });
 });
 

@@ -1,5 +1,6 @@
 import type { Command } from 'commander';
 import type { Role } from '../../app.ts';
+import { badRequest } from '../../platform/errors.ts';
 import { cliConfig, withDeps } from '../context.ts';
 
 /** The roles (kept in step with src/app.ts ROLES). */
@@ -14,7 +15,7 @@ export function registerStart(program: Command): void {
     .action(async (opts: { roles: string }, cmd: Command) => {
       const roles = opts.roles.split(',').map((r) => r.trim()).filter(Boolean);
       const bad = roles.filter((r) => !(ROLES as readonly string[]).includes(r));
-      if (bad.length) throw new Error(`unknown role(s) ${bad.join(', ')}; roles are ${ROLES.join(', ')}`);
+      if (bad.length) throw badRequest('invalid_option', `unknown role(s) ${bad.join(', ')}; roles are ${ROLES.join(', ')}`);
       const config = await cliConfig(cmd);
       // Loaded here, not at the top: other commands need not load the whole server.
       const [{ createLogger }, { startPlatform }] = await Promise.all([import('../../platform/logger.ts'), import('../../app.ts')]);
