@@ -1,19 +1,11 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync, spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { readdirSync, readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { scheduleAsBatch } from '../../src/platform/scheduling.ts';
-
-const hasChrt = (() => {
-  try {
-    execFileSync('chrt', ['--version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-})();
+import { canScheduleAsBatch } from '../support/system.ts';
 
 /** /proc/<pid>/task/<tid>/sched: "policy : 3" is SCHED_BATCH (0 is SCHED_OTHER, the default). */
 function policies(pid: number): Map<number, number> {
@@ -26,7 +18,7 @@ function policies(pid: number): Map<number, number> {
 }
 
 /** scheduleAsBatch (src/platform/scheduling.ts), as `parley import` and the embedded PostgreSQL use it. */
-describe('scheduleAsBatch', { skip: (process.platform !== 'linux' || !hasChrt) && 'Linux with chrt (util-linux) only' }, () => {
+describe('scheduleAsBatch', { skip: !canScheduleAsBatch && 'Linux with chrt (util-linux) only' }, () => {
   it('with allTasks puts every thread of a running process under SCHED_BATCH, and threads it starts later inherit it', async () => {
     // A real Node process with a worker thread running; on a line of input it starts another.
     const child = spawn(

@@ -1,12 +1,12 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { chmodSync, existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
-import { execFileSync } from 'node:child_process';
 import { createServer } from 'node:net';
 import pg from 'pg';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
 import { startEmbeddedPostgres, unreachableAncestor } from '../../src/store/embedded.ts';
+import { canScheduleAsBatch } from '../support/system.ts';
 
 describe('embedded PostgreSQL data directory', () => {
   it('names the first ancestor others cannot enter, and none when all can', () => {
@@ -36,16 +36,7 @@ describe('embedded PostgreSQL data directory', () => {
     }
   });
 
-  const hasChrt = (() => {
-    try {
-      execFileSync('chrt', ['--version'], { stdio: 'ignore' });
-      return true;
-    } catch {
-      return false;
-    }
-  })();
-
-  it('runs the server under SCHED_BATCH: the postmaster, its background processes and the backends it forks afterwards', { skip: (process.platform !== 'linux' || !hasChrt) && 'Linux with chrt (util-linux) only' }, async () => {
+  it('runs the server under SCHED_BATCH: the postmaster, its background processes and the backends it forks afterwards', { skip: !canScheduleAsBatch && 'Linux with chrt (util-linux) only' }, async () => {
     const dir = mkdtempSync(join(tmpdir(), 'parley-embedded-'));
     chmodSync(dir, 0o755);
     const port = await new Promise<number>((resolve) => {
