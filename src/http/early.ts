@@ -13,6 +13,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import type { Duplex } from 'node:stream';
 import type { Deps } from '../context.ts';
 import { keysDocument, platformDocument } from '../federation/keys.ts';
+import { listenError } from '../platform/config.ts';
 
 /** Fastify's defaults for its own server (src/http/server.ts builds on this one). */
 const KEEP_ALIVE_TIMEOUT_MS = 72_000;
@@ -78,9 +79,10 @@ export async function listenEarly(deps: Deps, host: string, port: number): Promi
     return (emit as (...a: unknown[]) => boolean).call(this, event, ...args);
   } as typeof server.emit;
   await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
+    const onError = (e: NodeJS.ErrnoException) => reject(listenError(e, 'PARLEY_HTTP_PORT', host, port));
+    server.once('error', onError);
     server.listen({ host, port }, () => {
-      server.off('error', reject);
+      server.off('error', onError);
       resolve();
     });
   });

@@ -145,6 +145,23 @@ const ENV: Record<string, keyof Config> = {
 export class ConfigError extends Error {}
 
 /**
+ * What to throw when a configured address cannot be listened on: a port another process
+ * holds (EADDRINUSE), one this user may not bind (EACCES: below 1024 without the
+ * capability) or a host that is not this machine's (EADDRNOTAVAIL) is a configuration
+ * problem — a {@link ConfigError} naming the setting, which `parley` prints as one line (exit
+ * status 2). Any other error is returned as it is.
+ * @param e the listen error
+ * @param setting the environment variable of the port, e.g. `PARLEY_HTTP_PORT`
+ */
+export function listenError(e: NodeJS.ErrnoException, setting: string, host: string, port: number): Error {
+  const at = `${host}:${port}`;
+  if (e.code === 'EADDRINUSE') return new ConfigError(`${at} is already in use by another process: stop it, or choose another port with ${setting}`);
+  if (e.code === 'EACCES') return new ConfigError(`not allowed to listen on ${at} (ports below 1024 need root or CAP_NET_BIND_SERVICE): choose another port with ${setting}`);
+  if (e.code === 'EADDRNOTAVAIL') return new ConfigError(`cannot listen on ${at}: ${host} is not an address of this machine (${setting.replace(/_PORT$/, '_HOST')})`);
+  return e;
+}
+
+/**
  * Parses PARLEY_FEDERATION_ROUTES: `domain=url` pairs separated by commas, or a JSON object.
  * Domains are lowercased. A malformed pair is kept as-is so validation names it.
  */

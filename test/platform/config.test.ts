@@ -1,8 +1,11 @@
-import { describe, it } from 'node:test';
+import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
+import { createServer, type Server } from 'node:net';
 import { promisify } from 'node:util';
 import { ConfigError, loadConfig } from '../../src/platform/config.ts';
+import { createTestDatabase } from '../support/db.ts';
+import { startTestPlatform } from '../support/platform.ts';
 
 const run = promisify(execFile);
 
@@ -33,6 +36,49 @@ describe('configuration', () => {
       assert.match(e.stderr, /^parley: unknown role\(s\) foo; roles are web, worker, smtp$/m);
       assert.doesNotMatch(e.stderr, /^\s+at /m, 'a message, not a stack trace');
       return true;
+    });
+  });
+
+  describe('a port another process holds', () => {
+    let holder: Server;
+    let port = 0;
+    before(async () => {
+      holder = createServer();
+      await new Promise<void>((resolve) => holder.listen(0, '127.0.0.1', resolve));
+      port = (holder.address() as { port: number }).port;
+    });
+    after(() => holder.close());
+
+    it('is a ConfigError naming PARLEY_HTTP_PORT or PARLEY_SMTP_PORT, and a failed start lets go of the port it had taken', async () => {
+      await assert.rejects(startTestPlatform({ httpPort: port }, ['web']), (e: unknown) => {
+        assert.ok(e instanceof ConfigError, String(e));
+        assert.equal(e.message, `127.0.0.1:${port} is already in use by another process: stop it, or choose another port with PARLEY_HTTP_PORT`);
+        return true;
+      });
+      // The web role listens first, then the SMTP role fails: the HTTP port is let go again.
+      const free = createServer();
+      await new Promise<void>((resolve) => free.listen(0, '127.0.0.1', resolve));
+      const httpPort = (free.address() as { port: number }).port;
+      await new Promise<void>((resolve) => free.close(() => resolve()));
+      await assert.rejects(startTestPlatform({ httpPort, smtpPort: port }, ['web', 'smtp']), (e: unknown) => e instanceof ConfigError && /PARLEY_SMTP_PORT/.test(e.message));
+      const again = createServer();
+      await new Promise<void>((resolve, reject) => again.once('error', reject).listen(httpPort, '127.0.0.1', resolve));
+      await new Promise<void>((resolve) => again.close(() => resolve()));
+    });
+
+    it('parley start says so in one line and exits 2', async () => {
+      const db = await createTestDatabase();
+      try {
+        const env = { ...process.env, DATABASE_URL: db.url, PARLEY_DOMAINS: 'alpha.test', PARLEY_HTTP_PORT: String(port), PARLEY_SMTP_PORT: '0', PARLEY_LOG_LEVEL: 'warn', PARLEY_DNS_OFFLINE: '1' };
+        await assert.rejects(run(process.execPath, ['bin/parley.js', 'start', '--roles', 'web'], { env, timeout: 60_000 }), (e: any) => {
+          assert.equal(e.code, 2);
+          assert.match(e.stderr, new RegExp(`^parley: 127\\.0\\.0\\.1:${port} is already in use by another process: stop it, or choose another port with PARLEY_HTTP_PORT$`, 'm'));
+          assert.doesNotMatch(e.stderr, /^\s+at /m, 'a message, not a stack trace');
+          return true;
+        });
+      } finally {
+        await db.drop();
+      }
     });
   });
 });

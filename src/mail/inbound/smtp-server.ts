@@ -33,6 +33,7 @@
 import type { AddressInfo } from 'node:net';
 import { SMTPServer, type SMTPServerDataStream, type SMTPServerSession } from 'smtp-server';
 import type { Deps } from '../../context.ts';
+import { listenError } from '../../platform/config.ts';
 import { commitEmails, type IngestResult, type PreparedEmail, prepareEmail } from './ingest-email.ts';
 import { checkRecipient, type Recipient } from './recipients.ts';
 
@@ -325,7 +326,7 @@ export async function startSmtpServer(deps: Deps): Promise<{ port: number; stop(
   server.on('error', (e) => log.warn({ err: e }, 'smtp: connection error'));
 
   await new Promise<void>((resolve, reject) => {
-    const onError = (e: Error) => reject(e);
+    const onError = (e: NodeJS.ErrnoException) => reject(listenError(e, 'PARLEY_SMTP_PORT', config.smtpHost, config.smtpPort));
     server.server.once('error', onError);
     server.listen(config.smtpPort, config.smtpHost, () => {
       server.server.off('error', onError);
