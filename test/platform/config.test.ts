@@ -1,9 +1,13 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { promisify } from 'node:util';
-import { ConfigError, loadConfig } from '../../src/platform/config.ts';
+import pg from 'pg';
+import { ConfigError, ensureDirectory, loadConfig } from '../../src/platform/config.ts';
 import { createTestDatabase } from '../support/db.ts';
 import { startTestPlatform } from '../support/platform.ts';
 
@@ -79,6 +83,91 @@ describe('configuration', () => {
       } finally {
         await db.drop();
       }
+    });
+  });
+
+  describe('the data directory (PARLEY_DATA_DIR)', () => {
+    it('is created with its missing parents', () => {
+      const root = mkdtempSync(join(tmpdir(), 'parley-config-'));
+      try {
+        ensureDirectory(join(root, 'a', 'b', 'c'));
+        assert.ok(statSync(join(root, 'a', 'b', 'c')).isDirectory());
+        ensureDirectory(join(root, 'a', 'b', 'c')); // already there: nothing to do
+      } finally {
+        rmSync(root, { recursive: true, force: true });
+      }
+    });
+
+    it('a file in the way, or a place where nothing can be created, is a ConfigError naming the directory and the reason', () => {
+      const root = mkdtempSync(join(tmpdir(), 'parley-config-'));
+      try {
+        writeFileSync(join(root, 'file'), 'x');
+        assert.throws(() => ensureDirectory(join(root, 'file', 'data')), (e: unknown) => e instanceof ConfigError && e.message.includes(`${join(root, 'file')} is not a directory`));
+        assert.equal(existsSync(join(root, 'file', 'data')), false);
+      } finally {
+        rmSync(root, { recursive: true, force: true });
+      }
+      // Node's recursive mkdir loops for ever here (ENOENT under /proc): this must not.
+      if (process.platform === 'linux') assert.throws(() => ensureDirectory('/proc/parley-test/data'), (e: unknown) => e instanceof ConfigError && /\/proc\/parley-test/.test(e.message));
+    });
+
+    it('parley says so in one line and exits 2', async () => {
+      const root = mkdtempSync(join(tmpdir(), 'parley-config-'));
+      try {
+        writeFileSync(join(root, 'file'), 'x');
+        const env: NodeJS.ProcessEnv = { ...process.env, PARLEY_DATA_DIR: join(root, 'file', 'data'), PARLEY_LOG_LEVEL: 'warn' };
+        delete env.DATABASE_URL; // the embedded PostgreSQL, under the data directory
+        await assert.rejects(run(process.execPath, ['bin/parley.js', 'user', 'list'], { env, timeout: 60_000 }), (e: any) => {
+          assert.equal(e.code, 2);
+          assert.match(e.stderr, /^parley: the data directory .* cannot be created: .*file is not a directory \(PARLEY_DATA_DIR\)$/m);
+          return true;
+        });
+      } finally {
+        rmSync(root, { recursive: true, force: true });
+      }
+    });
+  });
+
+  describe('the database (DATABASE_URL)', () => {
+    /** `parley user list` on `url`: the failure's exit status and stderr. */
+    const userList = async (url: string) =>
+      run(process.execPath, ['bin/parley.js', 'user', 'list'], { env: { ...process.env, DATABASE_URL: url, PARLEY_LOG_LEVEL: 'warn' }, timeout: 60_000 }).then(
+        () => assert.fail('parley user list succeeded'),
+        (e: any) => ({ code: e.code as number, stderr: e.stderr as string }),
+      );
+
+    it('one that cannot be reached or entered is one line naming where and why, without the password, and exit status 2', async () => {
+      const admin = new URL(process.env.PARLEY_TEST_PG_URL!);
+      const closed = createServer();
+      await new Promise<void>((resolve) => closed.listen(0, '127.0.0.1', resolve));
+      const deadPort = (closed.address() as { port: number }).port;
+      await new Promise<void>((resolve) => closed.close(() => resolve()));
+      const wrongPassword = `postgres://${admin.username}:s3cret-pw@${admin.host}/postgres`;
+      // A PostgreSQL of one's own (PARLEY_TEST_PG_URL) may trust local connections whatever the password.
+      const probe = new pg.Client({ connectionString: wrongPassword });
+      const checksPasswords = await probe.connect().then(
+        async () => (await probe.end(), false),
+        () => true,
+      );
+      const cases: [string, RegExp][] = [
+        [`postgres://parley:s3cret-pw@127.0.0.1:${deadPort}/parley`, /nothing listens there/],
+        ...(checksPasswords ? [[wrongPassword, /the password was refused/] as [string, RegExp]] : []),
+        [`postgres://${admin.username}:${admin.password}@${admin.host}/no_such_database_here`, /the database does not exist/],
+      ];
+      for (const [url, why] of cases) {
+        const { code, stderr } = await userList(url);
+        assert.equal(code, 2, stderr);
+        assert.match(stderr, /^parley: cannot connect to PostgreSQL at postgres:\/\/.* — check DATABASE_URL$/m);
+        assert.match(stderr, why);
+        assert.doesNotMatch(stderr, /s3cret-pw/, 'the password is not shown');
+        assert.doesNotMatch(stderr, /^\s+at /m, 'a message, not a stack trace');
+      }
+    });
+
+    it('one that is not a PostgreSQL URL is refused before any connection', async () => {
+      const { code, stderr } = await userList('notaurl');
+      assert.equal(code, 2);
+      assert.match(stderr, /environment variable DATABASE_URL: must be a PostgreSQL URL such as postgres:\/\/.* \(got "notaurl"\)/);
     });
   });
 });
