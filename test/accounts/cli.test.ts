@@ -85,4 +85,35 @@ describe('parley user add|list (the CLI as a child process)', () => {
       await tp.stop();
     }
   });
+
+  it('parley user password resets a password: the old one and every session stop working, the new one logs in', async () => {
+    assert.equal((await parley(['user', 'add', 'fay@alpha.test', '--password-stdin'], 'first password here\n')).code, 0);
+    const tp = await startTestPlatform({ databaseUrl: db.url }, ['web']);
+    try {
+      const anon = new ApiClient(tp.base, null, '');
+      const login = await anon.post('/api/login', { address: 'fay@alpha.test', password: 'first password here' });
+      assert.equal(login.status, 200);
+      const session = new ApiClient(tp.base, login.body.token, 'fay@alpha.test');
+      assert.equal((await session.get('/api/me')).status, 200);
+
+      const reset = await parley(['user', 'password', 'fay@alpha.test'], 'second password here\n');
+      assert.equal(reset.code, 0, reset.stderr);
+      assert.match(reset.stdout, /fay@alpha\.test: password set; every session of the user has ended/);
+      // The platform reads a session again at most SESSION_CACHE_MS (1 s) after it last did: poll, bounded.
+      let me = await session.get('/api/me');
+      for (const until = Date.now() + 10_000; me.status === 200 && Date.now() < until; ) me = await session.get('/api/me');
+      assert.equal(me.status, 401, 'the session of before the reset has ended');
+      assert.equal((await anon.post('/api/login', { address: 'fay@alpha.test', password: 'first password here' })).status, 401);
+      assert.equal((await anon.post('/api/login', { address: 'fay@alpha.test', password: 'second password here' })).status, 200);
+
+      const removed = await parley(['user', 'password', 'fay@alpha.test', '--remove']);
+      assert.equal(removed.code, 0, removed.stderr);
+      assert.equal((await anon.post('/api/login', { address: 'fay@alpha.test', password: 'second password here' })).status, 401);
+      const nobody = await parley(['user', 'password', 'nobody@alpha.test'], 'a password for nobody\n');
+      assert.equal(nobody.code, 2);
+      assert.match(nobody.stderr, /^parley: .*nobody@alpha\.test/m);
+    } finally {
+      await tp.stop();
+    }
+  });
 });

@@ -41,9 +41,10 @@ function table(head: string[], rows: string[][]): string {
 }
 
 /**
- * `parley user add <address> [--name <name>] [--admin] [--password-stdin]` and
- * `parley user list [--json]` (issue 2 §1 and §3: users are created by the CLI and the admin
- * API; there is no public sign-up). Errors (invalid address, foreign domain, weak password,
+ * `parley user add <address> [--name <name>] [--admin] [--password-stdin]`,
+ * `parley user password <address> [--remove]` and `parley user list [--json]` (issue 2 §1 and
+ * §3: users are created by the CLI and the admin API; there is no public sign-up; an operator
+ * at the machine can always reset a password — the only admin's too). Errors (invalid address, foreign domain, weak password,
  * existing user) are AppErrors: main.ts prints them and exits 2.
  */
 export function registerUser(program: Command): void {
@@ -66,8 +67,23 @@ export function registerUser(program: Command): void {
       if (!u.has_password)
         console.log(
           `${u.address} has no password and cannot log in until one is set: ` +
-            `an admin can PATCH /api/admin/users/${u.address} with {"password": "…"}`,
+            `\`parley user password ${u.address}\` (the password on standard input), or an admin's PATCH /api/admin/users/${u.address} with {"password": "…"}`,
         );
+    });
+
+  user
+    .command('password <address>')
+    .description(
+      'set (or reset) the password of a user, read from standard input (one line, the line ending stripped); ' +
+        'every session of the user ends. With --remove the user has no password and cannot log in',
+    )
+    .option('--remove', 'remove the password instead of setting one', false)
+    .action(async (address: string, opts: { remove: boolean }, cmd: Command) => {
+      const password = opts.remove ? null : await readLineFromStdin();
+      const { updateUser } = await import('../../accounts/users.ts');
+      // Actor 0: the operator at the machine, no user (the admins' self-lockout rule concerns status and admin rights only).
+      const u = await withDeps(cmd, (deps) => updateUser(deps, 0, address, { password }));
+      console.log(`${u.address}: password ${opts.remove ? 'removed' : 'set'}; every session of the user has ended`);
     });
 
   user
