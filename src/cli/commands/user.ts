@@ -42,10 +42,11 @@ function table(head: string[], rows: string[][]): string {
 
 /**
  * `parley user add <address> [--name <name>] [--admin] [--password-stdin]`,
- * `parley user password <address> [--remove]` and `parley user list [--json]` (issue 2 §1 and
- * §3: users are created by the CLI and the admin API; there is no public sign-up; an operator
- * at the machine can always reset a password — the only admin's too). Errors (invalid address, foreign domain, weak password,
- * existing user) are AppErrors: main.ts prints them and exits 2.
+ * `parley user password <address> [--remove]` and `parley user list [--json]` (issue 2 §1
+ * and §3: users are created by the CLI and the admin API; there is no public sign-up; an
+ * operator at the machine can always reset a password — the only admin's too). Errors
+ * (invalid address, foreign domain, weak password, existing user, no such user) are
+ * AppErrors: main.ts prints them and exits 2.
  */
 export function registerUser(program: Command): void {
   const user = program.command('user').description('manage the users of this platform');
@@ -81,8 +82,7 @@ export function registerUser(program: Command): void {
     .action(async (address: string, opts: { remove: boolean }, cmd: Command) => {
       const password = opts.remove ? null : await readLineFromStdin();
       const { updateUser } = await import('../../accounts/users.ts');
-      // Actor 0: the operator at the machine, no user (the admins' self-lockout rule concerns status and admin rights only).
-      const u = await withDeps(cmd, (deps) => updateUser(deps, 0, address, { password }));
+      const u = await withDeps(cmd, (deps) => updateUser(deps, null, address, { password }));
       console.log(`${u.address}: password ${opts.remove ? 'removed' : 'set'}; every session of the user has ended`);
     });
 
