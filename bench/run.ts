@@ -1,7 +1,7 @@
 /**
- * `npm run bench`: runs the benchmarks of docs/benchmarks.md on one isolated PostgreSQL
- * (embedded in a temporary directory, or DATABASE_URL), each on a fresh database, and writes
- * their figures as one flat JSON object of numbers to bench/results/latest.json (also
+ * `npm run bench`: runs the benchmarks of docs/benchmarks.md, each on a PostgreSQL of its own
+ * (an embedded server in a temporary directory, or fresh databases of DATABASE_URL's), and
+ * writes their figures as one flat JSON object of numbers to bench/results/latest.json (also
  * printed on stdout). Progress goes to stderr. Exits 1 if a benchmark failed (the figures of
  * the others are still written).
  *
